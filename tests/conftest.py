@@ -1,0 +1,36 @@
+"""Shared test helpers: the checkpoint fixtures of ../shared/reference and the error metric."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("MOBILEHV_REFERENCE", ROOT.parent / "shared" / "reference"))
+
+
+def _load_refweights():
+    spec = importlib.util.spec_from_file_location("refweights", REFERENCE / "refweights.py")
+    if spec is None or not (REFERENCE / "refweights.py").is_file():
+        raise FileNotFoundError(f"checkpoint fixtures not found at {REFERENCE} "
+                                "(set MOBILEHV_REFERENCE to the shared/reference folder)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+refweights = _load_refweights()
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the exactness metric of the fixtures."""
+    return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
