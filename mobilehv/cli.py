@@ -47,14 +47,24 @@ def list_cmd(pattern: str = typer.Argument("*", help="glob over model names, e.g
 
 
 @app.command()
-def info(name: str = typer.Argument(..., help="a registered model name")) -> None:
+def info(name: str = typer.Argument(..., help="a registered model name"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """Params, MACs and data-movement ops of the deploy form, for each layout."""
     from mobilehv.graph import data_movement_count, export_graph_ops
 
     try:
-        facts = mobilehv.model_info(name)
+        facts = dict(mobilehv.model_info(name))
     except UnknownModelError as e:
         fail(str(e))
+    facts["data_movement_ops"], facts["graph_ops"] = {}, {}
+    for layout in facts["layouts"]:
+        deploy = mobilehv.fold(mobilehv.create_model(name, layout=layout))
+        ops = export_graph_ops(deploy, facts["resolution"])
+        facts["data_movement_ops"][layout] = data_movement_count(ops)
+        facts["graph_ops"][layout] = sum(ops.values())
+    if as_json:
+        print(json.dumps(facts, indent=1))
+        return
     table = Table(title=f"{name} ({facts['family']}, {facts['paper']})", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
@@ -65,10 +75,8 @@ def info(name: str = typer.Argument(..., help="a registered model name")) -> Non
                   f"multiples of {rule['multiple']}, >= {rule['minimum']}")
     table.add_row("checkpoint formats", ", ".join(facts["checkpoint_formats"]) or "mobilehv")
     for layout in facts["layouts"]:
-        deploy = mobilehv.fold(mobilehv.create_model(name, layout=layout))
-        ops = export_graph_ops(deploy, facts["resolution"])
-        table.add_row(f"data-movement ops ({layout})",
-                      f"{data_movement_count(ops)} of {sum(ops.values())} ops in the torch.export graph")
+        table.add_row(f"data-movement ops ({layout})", f"{facts['data_movement_ops'][layout]} of "
+                      f"{facts['graph_ops'][layout]} ops in the torch.export graph")
     console.print(table)
 
 

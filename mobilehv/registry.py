@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 LAYOUTS = ("nchw", "tokens")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UnknownModelError(KeyError):
@@ -77,6 +79,9 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     resolution: int
     input_rule: InputRule = field(default_factory=InputRule)
+    # input normalisation the weights were trained with (exporters build it into the artifact)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def variant(self) -> str:
@@ -92,19 +97,23 @@ class ModelMeta:
     layout: str
     resolution: int
     input_rule: InputRule
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(family: Family, resolution: int, input_rule: InputRule | None = None):
+def register_model(family: Family, resolution: int, input_rule: InputRule | None = None,
+                   mean: tuple[float, float, float] = IMAGENET_MEAN,
+                   std: tuple[float, float, float] = IMAGENET_STD):
     """Decorator for a builder `fn(layout, num_classes) -> nn.Module` named after the variant."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"model {fn.__name__} registered twice")
         _REGISTRY[fn.__name__] = ModelSpec(fn.__name__, family, fn, resolution,
-                                          input_rule or InputRule())
+                                          input_rule or InputRule(), tuple(mean), tuple(std))
         return fn
 
     return deco
@@ -136,7 +145,8 @@ def create_model(name: str, *, layout: str = "nchw", pretrained: Any = None,
     if layout not in spec.family.layouts:
         raise ValueError(f"{name} has layouts {', '.join(spec.family.layouts)}; got {layout!r}")
     model = spec.builder(layout=layout, num_classes=num_classes)
-    model.mobilehv = ModelMeta(name, spec.family.name, layout, spec.resolution, spec.input_rule)
+    model.mobilehv = ModelMeta(name, spec.family.name, layout, spec.resolution, spec.input_rule,
+                               spec.mean, spec.std)
     # Refuse sizes the architecture cannot take with the rule, not a shape error deep inside.
     model.register_forward_pre_hook(functools.partial(_check_input, spec.input_rule, name))
     if pretrained is not None:
@@ -179,5 +189,7 @@ def model_info(name: str) -> dict:
         "input_rule": {"multiple": spec.input_rule.multiple, "minimum": spec.input_rule.minimum,
                        "fixed": spec.input_rule.fixed},
         "checkpoint_formats": [c.source for c in spec.family.converters],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
         "paper": spec.family.paper,
     }
