@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 from enum import Enum
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -30,11 +32,18 @@ def fail(message: str, code: int = 2) -> None:
 
 @app.command("list")
 def list_cmd(pattern: str = typer.Argument("*", help="glob over model names, e.g. 'mobilevit*'"),
-             as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+             as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+             markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table (the README's zoo)")) -> None:
     """List the registered models with params, GMACs and default resolution."""
     infos = [mobilehv.model_info(n) for n in mobilehv.list_models(pattern)]
     if as_json:
         print(json.dumps(infos, indent=1))
+        return
+    if markdown:
+        print("| model | family | params (M) | GMACs | resolution | layouts | paper |\n|---|---|--:|--:|--:|---|---|")
+        for i in infos:
+            print(f"| `{i['name']}` | {i['family']} | {i['params'] / 1e6:.2f} | {i['macs'] / 1e9:.2f} | "
+                  f"{i['resolution']} | {', '.join(i['layouts'])} | {i['paper']} |")
         return
     table = Table(title=f"mobilehv models ({len(infos)})")
     for col, justify in (("name", "left"), ("family", "left"), ("params (M)", "right"),
@@ -81,5 +90,95 @@ def info(name: str = typer.Argument(..., help="a registered model name"),
 
 
 # --- export command (issue 3) ---
+class Target(str, Enum):
+    coreml = "coreml"
+    onnx = "onnx"
+    tflite = "tflite"
+    all = "all"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+@app.command("export")
+def export_cmd(
+    names: Optional[list[str]] = typer.Argument(None, help="registered model names (see `mobilehv list`)"),
+    target: Target = typer.Option(Target.all, "--target", "-t", help="artifact format, or all three"),
+    out: Path = typer.Option(Path("export"), "--out", help="output folder: OUT/<name>/<name>.<suffix> + .json sidecar"),
+    resolution: Optional[int] = typer.Option(None, help="input height = width (default: the model's)"),
+    batch: int = typer.Option(1, help="batch size of the artifact's input"),
+    layout: Optional[Layout] = typer.Option(None, help="nchw (deploy form, default) or tokens (reference form)"),
+    weights: Optional[Path] = typer.Option(None, help="checkpoint of the one model exported (default: seeded random init)"),
+    precision: Optional[Precision] = typer.Option(None, help="default: fp16 for coreml, fp32 for onnx/tflite"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="skip the parity check against PyTorch"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Core ML class names, one per line (default: ImageNet-1k)"),
+    no_labels: bool = typer.Option(False, "--no-labels", help="Core ML outputs raw logits, no class labels"),
+    all_models: bool = typer.Option(False, "--all", help="export every registered model"),
+    cache: bool = typer.Option(False, "--cache", help="reuse artifacts whose sidecar has the same model, options, weights and versions"),
+) -> None:
+    """Export verified Core ML / ONNX / TFLite artifacts of the deploy form, with sidecar JSON."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mobilehv.checkpoints import CheckpointError
+    from mobilehv.export import TARGETS, ExportError, ExportFailed, check_options, export
+    from mobilehv.export._common import quiet_native_output
+    from mobilehv.registry import ResolutionError
+
+    if bool(names) == all_models:
+        fail("give one or more model names, or --all (not both)")
+    if labels is not None and no_labels:
+        fail("--labels and --no-labels exclude each other")
+    if all_models:
+        names = [n for n in mobilehv.list_models()
+                 if layout is None or layout.value in mobilehv.model_info(n)["layouts"]]
+    if weights is not None and len(names) > 1:
+        fail(f"--weights is the checkpoint of one model; got {len(names)} models")
+    targets = list(TARGETS) if target is Target.all else [target.value]
+    options = dict(resolution=resolution, batch=batch, layout=layout.value if layout else None,
+                   weights=weights, precision=precision.value if precision else None,
+                   labels=False if no_labels else labels)
+    bad_input = (ExportError, ResolutionError, UnknownModelError, CheckpointError)
+    jobs = [(n, t) for n in names for t in targets]
+    try:  # every job's options are checked before the first artifact is written
+        for n, t in jobs:
+            check_options(n, t, out, **options)
+    except bad_input as e:
+        fail(str(e))
+    results, failures = [], []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    with progress:
+        task = progress.add_task("exporting", total=len(jobs))
+        for n, t in jobs:
+            progress.update(task, description=f"{n} -> {t}")
+            try:
+                with quiet_native_output():
+                    results.append(export(n, t, out, verify=not no_verify, cache=cache, **options))
+            except ExportFailed as e:
+                results.append(e.result)
+                failures.append(str(e))
+            except bad_input as e:  # e.g. a checkpoint for another architecture: nothing written
+                fail(f"{n}: {e}")
+            progress.advance(task)
+    table = Table(title=f"mobilehv export -> {out}")
+    for col, justify in (("model", "left"), ("target", "left"), ("status", "left"), ("size MB", "right"),
+                         ("max error", "right"), ("seconds", "right")):
+        table.add_column(col, justify=justify)
+    for r in results:
+        status = "[red]failed[/]" if r.errors else ("cached" if r.cached else "[green]ok[/]")
+        if r.max_error is not None:
+            error = f"{r.max_error:.1e}"
+        else:
+            error = "-" if r.errors else ("n/a (macOS)" if r.target == "coreml" and not no_verify else "not run")
+        size = f"{r.size_bytes / 1e6:.2f}" if r.size_bytes else "-"
+        table.add_row(r.model, r.target, status, size, error, f"{r.seconds:.1f}")
+    console.print(table)
+    for message in failures:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
+
 
 # --- profile command (issue 4) ---

@@ -1,0 +1,203 @@
+"""ONNX Runtime, CPU execution provider, graph optimisations on (as deployed).
+
+Method: one session with profiling on and one without, same options, runs alternating. The
+profiling session's per-node `*_kernel_time` events give each node's time per run (median over
+repeats); the plain session gives the whole-model latency. Nodes of the optimised graph are
+mapped back to the PyTorch module that produced them through the `pkg.torch.onnx.name_scopes`
+/ `class_hierarchy` metadata of the exported graph: by name when the node survived
+optimisation, through the original node of the same kind that computed a fused node's
+output, and, for nodes ORT inserts (layout reorders), through the node they serve.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from mobilehv.profile.attribution import Scope
+from mobilehv.profile.records import OpRecord, RunResult
+from mobilehv.taxonomy import op_category
+
+METHOD = ("onnxruntime CPU EP, ORT_ENABLE_ALL: per-node kernel_time events of session "
+          "profiling, mapped to modules via the exporter's name_scopes metadata")
+
+
+class ArtifactError(ValueError):
+    """The file is not a usable ONNX model for profiling."""
+
+
+def node_scopes(node) -> tuple[Scope, ...] | None:
+    """Module chain of an ONNX node exported by torch.onnx (dynamo), root first."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if "pkg.torch.onnx.name_scopes" not in meta or "pkg.torch.onnx.class_hierarchy" not in meta:
+        return None
+    try:
+        names = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+        classes = ast.literal_eval(meta["pkg.torch.onnx.class_hierarchy"])
+    except (ValueError, SyntaxError):
+        return None
+    # the last entry of each list is the aten op itself, the others are modules
+    return tuple(Scope(n, c) for n, c in zip(names[:-1], classes[:-1]))
+
+
+class _Mapper:
+    """Optimised-graph node -> module chain, through the original exported graph."""
+
+    def __init__(self, original, optimised):
+        self.scopes = {}
+        self.producer = {}
+        self.kind = {}
+        for node in original.graph.node:
+            self.scopes[node.name] = node_scopes(node)
+            self.kind[node.name] = node.op_type
+            for out in node.output:
+                self.producer[out] = node
+        self.opt_nodes = {n.name: n for n in optimised.graph.node}
+        self.opt_producer = {o: n for n in optimised.graph.node for o in n.output}
+        self.opt_consumers = defaultdict(list)
+        for n in optimised.graph.node:
+            for i in n.input:
+                self.opt_consumers[i].append(n)
+
+    def _by_name(self, name: str, op_type: str):
+        """The node itself, or the original node/tensor its (ORT-derived) name comes from:
+        fusions append `/<Rule>/`, the NCHWc transformer names a node `<output tensor>_nchwc`."""
+        base = name.split("/")[0].removesuffix("_nchwc")
+        for candidate in dict.fromkeys((name, base)):
+            if self.scopes.get(candidate):
+                return self.scopes[candidate]
+        return self._by_output(op_type, [base]) if base in self.producer else None
+
+    def _by_output(self, op_type: str, outputs) -> tuple[Scope, ...] | None:
+        """The original node computing a fused node's output, preferring one of the same kind
+        (for Conv+ReLU fused into one Conv, the Conv, not the ReLU whose output name it kept)."""
+        want = op_category(op_type)
+        nearest = None
+        frontier = [self.producer[o] for o in outputs if o in self.producer]
+        seen = set()
+        for _ in range(6):
+            nxt = []
+            for node in frontier:
+                if node.name in seen:
+                    continue
+                seen.add(node.name)
+                scopes = self.scopes.get(node.name)
+                if scopes and nearest is None:
+                    nearest = scopes
+                if scopes and op_category(node.op_type) == want:
+                    return scopes
+                nxt += [self.producer[i] for i in node.input if i in self.producer
+                        and i not in self.opt_producer]  # stop at tensors that still exist
+            frontier = nxt
+        return nearest
+
+    def map(self, name: str, op_type: str, hops: int = 3) -> tuple[Scope, ...] | None:
+        found = self._by_name(name, op_type)
+        node = self.opt_nodes.get(name)
+        if found or node is None:
+            return found
+        found = self._by_output(op_type, node.output)
+        if found or hops == 0:
+            return found
+        # inserted nodes (ReorderInput/Output, casts): the node they feed, else the one feeding them
+        neighbours = [c for o in node.output for c in self.opt_consumers[o]]
+        neighbours += [self.opt_producer[i] for i in node.input if i in self.opt_producer]
+        for other in neighbours:
+            found = self.map(other.name, other.op_type, hops - 1)
+            if found:
+                return found
+        return None
+
+
+def _load(path: Path):
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError and friends
+        raise ArtifactError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+    if not model.graph.node:
+        raise ArtifactError(f"{path} is not a valid ONNX model (empty graph)")
+    if not any(node_scopes(n) for n in model.graph.node):
+        raise ArtifactError(
+            f"{path} carries no PyTorch module names (pkg.torch.onnx.name_scopes); profile "
+            "artifacts made by `mobilehv export` or torch.onnx.export(..., dynamo=True)")
+    return model
+
+
+def input_feed(session, resolution: int | None) -> dict:
+    feed = {}
+    rng = np.random.default_rng(0)
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) else (resolution if i >= 2 else 1)
+                 for i, d in enumerate(inp.shape)]
+        feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: int = 5,
+        repeats: int = 20) -> RunResult:
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    original = _load(path)
+    with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
+        def options(profiled: bool) -> ort.SessionOptions:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.log_severity_level = 3
+            if profiled:
+                so.enable_profiling = True
+                so.profile_file_prefix = os.path.join(tmp, "profile")
+                so.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
+            return so
+
+        try:
+            profiled = ort.InferenceSession(str(path), options(True), providers=["CPUExecutionProvider"])
+            plain = ort.InferenceSession(str(path), options(False), providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types
+            raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        dims = profiled.get_inputs()[0].shape
+        resolution = dims[-1] if isinstance(dims[-1], int) else 224
+        feed = input_feed(profiled, resolution)
+        clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
+        e2e = []
+        for i in range(warmup + repeats):  # alternate, so both see the same machine state
+            start = clock()
+            plain.run(None, feed)
+            elapsed = (clock() - start) / 1e6
+            profiled.run(None, feed)
+            if i >= warmup:
+                e2e.append(elapsed)
+        trace = json.loads(Path(profiled.end_profiling()).read_text())
+        optimised = onnx.load(os.path.join(tmp, "optimised.onnx"))
+
+    times: dict[str, list[float]] = defaultdict(list)
+    info: dict[str, tuple[str, str]] = {}
+    for event in trace:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        node = event["name"].removesuffix("_kernel_time")
+        args = event.get("args", {})
+        times[node].append(float(event["dur"]))
+        if node not in info:
+            shapes = ["x".join(map(str, next(iter(s.values())))) for s in args.get("output_type_shape", [])]
+            info[node] = (args.get("op_name", ""), ",".join(shapes))
+    mapper = _Mapper(original, optimised)
+    ops = []
+    for node, samples in times.items():  # insertion order = execution order of the first run
+        op_type, shape = info[node]
+        ops.append(OpRecord(node, op_type, mapper.map(node, op_type) or (), shape, samples[warmup:]))
+    return RunResult(name, "onnxruntime", layout, int(resolution), ops, e2e, METHOD,
+                     artifact=path.name, extra={"clock": "thread_cpu" if threads == 1 else "wall",
+                                                "onnxruntime": ort.__version__})

@@ -1,0 +1,138 @@
+"""Eager PyTorch on CPU: every aten op timed where it runs, with the module that ran it.
+
+Method: forward hooks keep a stack of the modules being executed; a `TorchDispatchMode` sees
+every aten op after autograd/composite decomposition and files it under the innermost module.
+An op's time runs from the end of the previous op to the end of its own kernel, so the Python,
+module-call and dispatcher work that leads to an op (which eager users pay) is charged to it;
+the timer's own cost per op (dispatch-mode entry, bookkeeping, hooks), calibrated on a chain
+of one-op modules, is subtracted. The op sequence of eager inference is deterministic, so op i
+of every repeat is the same op; its median is taken over repeats. The whole-model latency is
+measured in separate runs without timer or hooks, alternating with the timed runs, as thread
+CPU time with one thread (immune to other processes' load) and wall time otherwise.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mobilehv.profile.attribution import Scope
+from mobilehv.profile.records import OpRecord, RunResult
+
+METHOD = ("torch eager: aten ops timed in a TorchDispatchMode (glue before an op included, "
+          "timer cost subtracted), module stack from forward hooks")
+
+
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _shape(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return "x".join(map(str, out.shape))
+    if isinstance(out, (tuple, list)):
+        return ",".join(_shape(o) for o in out if isinstance(o, torch.Tensor))
+    return ""
+
+
+class _OpTimer(TorchDispatchMode):
+    def __init__(self, stack: list[tuple[Scope, ...]]):
+        super().__init__()
+        self.stack = stack
+        self.events: list[tuple[str, tuple[Scope, ...], str, float]] = []
+        self.last = time.perf_counter_ns()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        end = time.perf_counter_ns()
+        self.events.append((func.overloadpacket.__name__, self.stack[-1], _shape(out),
+                            (end - self.last) / 1e3))
+        self.last = time.perf_counter_ns()
+        return out
+
+
+class _OneOp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1.0
+
+
+def timer_cost_us(n: int = 200, trials: int = 15) -> float:
+    """What the timer adds per op (hooks, mode entry, bookkeeping): the fastest run of a chain
+    of `n` one-op modules with it, minus the fastest without it, over `n`."""
+    chain = nn.Sequential(*[_OneOp() for _ in range(n)])
+    x = torch.zeros(1, 8, 4, 4)
+    stack: list[tuple[Scope, ...]] = [()]
+    plain, timed = [], []
+    with torch.inference_mode():
+        for _ in range(trials):
+            start = time.perf_counter_ns()
+            chain(x)
+            plain.append(time.perf_counter_ns() - start)
+            handles = _install_hooks(chain, stack)
+            start = time.perf_counter_ns()
+            with _OpTimer(stack):
+                chain(x)
+            timed.append(time.perf_counter_ns() - start)
+            for h in handles:
+                h.remove()
+    return max(0.0, (min(timed) - min(plain)) / n / 1e3)
+
+
+def _install_hooks(model: nn.Module, stack: list[tuple[Scope, ...]]) -> list:
+    handles = []
+    for path, module in model.named_modules():
+        scope = Scope(path, _qualname(module))
+
+        def push(mod, args, scope=scope):
+            stack.append(stack[-1] + (scope,))
+
+        def pop(mod, args, out):
+            stack.pop()
+
+        handles.append(module.register_forward_pre_hook(push))
+        handles.append(module.register_forward_hook(pop))
+    return handles
+
+
+def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: int = 1,
+        warmup: int = 5, repeats: int = 20) -> RunResult:
+    """Per-op times (median over `repeats`) and whole-model latencies of `model` in eager mode."""
+    x = torch.randn(1, 3, resolution, resolution)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cost = timer_cost_us()
+    clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
+    e2e: list[float] = []
+    runs = []
+    stack: list[tuple[Scope, ...]] = [()]
+    try:
+        with torch.inference_mode():
+            # Plain and timed runs alternate, so both see the same machine state (caches,
+            # frequency, other load); warm-up runs of both kinds are dropped.
+            for i in range(warmup + repeats):
+                start = clock()
+                model(x)
+                elapsed = (clock() - start) / 1e6
+                handles = _install_hooks(model, stack)
+                try:
+                    with _OpTimer(stack) as timer:
+                        model(x)
+                finally:
+                    for h in handles:
+                        h.remove()
+                if i >= warmup:
+                    e2e.append(elapsed)
+                    runs.append(timer.events)
+    finally:
+        torch.set_num_threads(previous)
+    first = runs[0]
+    if any(len(r) != len(first) for r in runs):
+        raise RuntimeError(f"{name}: the eager op sequence changed between repeats")
+    ops = [OpRecord(op_name=f"{op}_{i}", op_type=op, scopes=scopes, output_shape=shape,
+                    samples_us=[max(0.0, r[i][3] - cost) for r in runs])
+           for i, (op, scopes, shape, _) in enumerate(first)]
+    return RunResult(name, "torch", layout, resolution, ops, e2e, METHOD,
+                     extra={"timer_cost_us": round(cost, 3),
+                            "clock": "thread_cpu" if threads == 1 else "wall"})

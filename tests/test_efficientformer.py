@@ -1,0 +1,73 @@
+"""EfficientFormer specifics: timm checkpoint in both layouts, what fold does to the distilled
+head, attention bias and layer scales, the fixed input size, and the nchw graph staying 4-D.
+(Parameter counts and per-variant fold/layout equivalence are in test_zoo.py.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mobilehv
+from mobilehv.graph import data_movement_count, export_graph_ops
+from mobilehv.models.efficientformer import DistilledHead, FoldedAttention, Meta3D, Meta4D
+from mobilehv.models.poolformer import LayerScale
+from mobilehv.registry import ResolutionError
+from conftest import refweights, rel_err
+
+NAME = "efficientformer_l1"
+
+
+@pytest.fixture(scope="module")
+def timm_sd():
+    return refweights.make_state_dict(NAME)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "tokens"])
+def test_timm_checkpoint_exact_before_and_after_fold(timm_sd, layout):
+    x, expected = refweights.load_io(NAME)
+    model = mobilehv.create_model(NAME, layout=layout, pretrained=timm_sd)
+    with torch.no_grad():
+        assert rel_err(model(x), expected) <= 1e-4
+        assert rel_err(mobilehv.fold(model)(x), expected) <= 1e-4
+
+
+def test_fold_merges_heads_and_precomputes_attention_bias():
+    model = mobilehv.create_model(NAME)
+    deploy = mobilehv.fold(model)
+    # one classifier: the two heads' mean is one Linear with averaged weight and bias
+    assert isinstance(deploy.head, nn.Linear)
+    assert not any(isinstance(m, DistilledHead) for m in deploy.modules())
+    with torch.no_grad():
+        feats = torch.randn(2, 448)
+        assert torch.allclose(deploy.head(feats), model.head(feats), atol=1e-5)
+    # attention bias is a constant (heads, N, N) table: no learned table, no index to gather with
+    attn = [m for m in deploy.modules() if isinstance(m, FoldedAttention)]
+    assert len(attn) == 1 and attn[0].attention_bias_const.shape == (8, 49, 49)
+    names = [k for k, _ in deploy.named_parameters()] + [k for k, _ in deploy.named_buffers()]
+    assert not any("attention_biases" in k or "attention_bias_idxs" in k for k in names)
+    # layer scales: absorbed everywhere except after the pool mixer (no linear layer to take it)
+    meta4d = [m for m in deploy.modules() if isinstance(m, Meta4D)]
+    assert sum(isinstance(m, LayerScale) for m in deploy.modules()) == len(meta4d) == 14
+    assert all(isinstance(b.ls1, nn.Identity) and isinstance(b.ls2, nn.Identity)
+               for b in deploy.modules() if isinstance(b, Meta3D))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
+
+
+@pytest.mark.parametrize("size", [(192, 192), (256, 256), (224, 192)])
+def test_other_sizes_are_refused_with_the_rule(size):
+    model = mobilehv.create_model(NAME)
+    with pytest.raises(ResolutionError, match="224x224"):
+        model(torch.zeros(1, 3, *size))
+    assert mobilehv.model_info(NAME)["input_rule"]["fixed"] == 224
+
+
+def test_nchw_deploy_graph_stays_4d():
+    """The nchw form has no 4-D/3-D boundary: only the attention's head split, q/attn
+    transposes and head merge move data; tokens adds the flatten and the (B, N, C) permutes."""
+    counts = {}
+    for layout in ("nchw", "tokens"):
+        ops = export_graph_ops(mobilehv.fold(mobilehv.create_model(NAME, layout=layout)), 224)
+        counts[layout] = data_movement_count(ops)
+        if layout == "nchw":
+            assert not {"flatten", "permute"} & set(ops)
+    assert counts["nchw"] < counts["tokens"]

@@ -1,0 +1,92 @@
+"""EfficientViT: timm fixture, parameter counts, folding, the linear-attention rewrite, input rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import refweights, rel_err
+from torch import nn
+
+import mobilehv
+from mobilehv.checkpoints import CheckpointError
+from mobilehv.models.efficientvit import LiteMLA
+from mobilehv.registry import ResolutionError
+
+PARAMS = {"efficientvit_b0": 3_410_008, "efficientvit_b1": 9_102_024,
+          "efficientvit_b2": 24_330_712, "efficientvit_b3": 48_646_056}
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that folding has something to get wrong."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    return model
+
+
+def test_fixture_logits_and_fold():
+    sd = refweights.make_state_dict("efficientvit_b0")
+    x, expected = refweights.load_io("efficientvit_b0")
+    model = mobilehv.create_model("efficientvit_b0", pretrained=sd)
+    folded = mobilehv.fold(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        assert rel_err(model(x), expected) <= 1e-4
+        assert rel_err(folded(x), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_params(name):
+    info = mobilehv.model_info(name)
+    assert info["params"] == PARAMS[name]
+    assert info["layouts"] == ["nchw"]
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_fold_equivalence(name):
+    model = _randomise_bn(mobilehv.create_model(name))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        folded = mobilehv.fold(model, inplace=True)
+        assert rel_err(folded(x), expected) <= 1e-4
+        assert rel_err(mobilehv.fold(folded)(x), expected) <= 1e-4  # folding twice: no-op
+
+
+def _lite_mla_original(m: LiteMLA, x: torch.Tensor) -> torch.Tensor:
+    """The original formulation: per-head (N, d) rows, V padded with a column of ones."""
+    b, _, h, w = x.shape
+    qkv = m.qkv(x)
+    qkv = torch.cat([qkv] + [op(qkv) for op in m.aggreg], dim=1)
+    qkv = qkv.reshape(b, -1, 3 * m.head_dim, h * w).transpose(-1, -2)
+    q, k, v = qkv.chunk(3, dim=-1)
+    q, k, v = F.relu(q), F.relu(k), F.pad(v, (0, 1), value=1.0)
+    out = q @ (k.transpose(-1, -2) @ v)
+    out = out[..., :-1] / (out[..., -1:] + m.eps)
+    return m.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
+def test_linear_attention_matches_original_form():
+    m = _randomise_bn(LiteMLA(64, 16)).eval()
+    x = torch.randn(2, 64, 5, 7)  # non-square, so an H/W mix-up cannot pass
+    with torch.no_grad():
+        assert rel_err(m(x), _lite_mla_original(m, x)) <= 1e-5
+
+
+def test_input_rule():
+    model = mobilehv.create_model("efficientvit_b0")
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 72, 100)).shape == (1, 1000)  # any size from 32 up
+        with pytest.raises(ResolutionError, match="at least 32"):
+            model(torch.randn(1, 3, 16, 64))
+
+
+def test_only_nchw_layout_and_wrong_checkpoint():
+    with pytest.raises(ValueError, match="layouts nchw"):
+        mobilehv.create_model("efficientvit_b0", layout="tokens")
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        mobilehv.create_model("efficientvit_b1", pretrained=refweights.make_state_dict("efficientvit_b0"))
