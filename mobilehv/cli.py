@@ -142,8 +142,9 @@ def export_cmd(
     bad_input = (ExportError, ResolutionError, UnknownModelError, CheckpointError)
     jobs = [(n, t) for n in names for t in targets]
     try:  # every job's options are checked before the first artifact is written
-        for n, t in jobs:
-            check_options(n, t, out, **options)
+        with quiet_native_output():  # importing coremltools chats on stderr
+            for n, t in jobs:
+                check_options(n, t, out, **options)
     except bad_input as e:
         fail(str(e))
     results, failures = [], []
@@ -182,3 +183,67 @@ def export_cmd(
 
 
 # --- profile command (issue 4) ---
+class Runtime(str, Enum):
+    onnxruntime = "onnxruntime"
+    tflite = "tflite"
+    torch = "torch"
+    coreml = "coreml"
+    all = "all"
+
+
+class ProfileLayout(str, Enum):
+    nchw = "nchw"
+    tokens = "tokens"
+    both = "both"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+
+
+@app.command("profile")
+def profile_cmd(
+    names: Optional[list[str]] = typer.Argument(None, help="registered model names (default: the EfficientFormer study set)"),
+    device: Device = typer.Option(Device.cpu, help="where to run (cpu)"),
+    runtime: Optional[Runtime] = typer.Option(None, help="default onnxruntime; with --artifact, the artifact's runtime"),
+    threads: int = typer.Option(1, help="intra-op threads of every runtime"),
+    warmup: int = typer.Option(5, help="untimed runs before timing"),
+    repeats: int = typer.Option(20, help="timed runs; per-op and e2e figures are medians over them"),
+    resolution: Optional[int] = typer.Option(None, help="input height = width (default: the model's)"),
+    layout: ProfileLayout = typer.Option(ProfileLayout.nchw, help="nchw, tokens, or both side by side"),
+    artifact: Optional[Path] = typer.Option(None, help="profile this .onnx / .tflite / .mlpackage instead of a model"),
+    out: Path = typer.Option(Path("latency_tables"), help="tables go to OUT/<machine>/"),
+    export_dir: Path = typer.Option(Path("export"), "--export-dir", help="where artifacts are exported to and reused from"),
+) -> None:
+    """Per-op latency breakdown (EfficientFormer categories) -> latency_tables/<machine>/."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mobilehv.export._common import quiet_native_output
+    from mobilehv.profile import ProfileError, profile
+    from mobilehv.taxonomy import CATEGORIES
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    with progress:
+        task = progress.add_task("profiling", total=None)
+
+        def step(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=label)
+
+        try:
+            with quiet_native_output():
+                result = profile(names, runtime=runtime.value if runtime else None, device=device.value,
+                                 threads=threads, warmup=warmup, repeats=repeats, resolution=resolution,
+                                 layout=layout.value, artifact=artifact, out=out, export_dir=export_dir,
+                                 progress=step)
+        except ProfileError as e:
+            fail(str(e))
+    table = Table(title=f"mobilehv profile ({result.machine['slug']}) -> {out}")
+    for col, justify in (("model", "left"), ("runtime", "left"), ("layout", "left"), ("e2e median ms", "right"),
+                         ("sum of ops ms", "right"), ("top categories", "left")):
+        table.add_column(col, justify=justify)
+    for _, row in result.summary.iterrows():
+        top = sorted(CATEGORIES, key=lambda c: -row[f"{c}_pct"])[:3]
+        table.add_row(row["model"], row["runtime"], row["layout"], f"{row['e2e_median_ms']:.2f}",
+                      f"{row['ops_sum_ms']:.2f}", ", ".join(f"{c} {row[f'{c}_pct']:.0f}%" for c in top))
+    console.print(table)

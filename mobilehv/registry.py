@@ -55,8 +55,8 @@ class InputRule:
         if self.fixed is not None:
             if (height, width) != (self.fixed, self.fixed):
                 raise ResolutionError(
-                    f"{name} takes only {self.fixed}x{self.fixed} inputs (its position "
-                    f"embedding is fixed), got {height}x{width}")
+                    f"{name} takes only {self.fixed}x{self.fixed} inputs (its position-embedding "
+                    f"or attention-bias tables are built for that size), got {height}x{width}")
             return
         if height % self.multiple or width % self.multiple or min(height, width) < self.minimum:
             raise ResolutionError(

@@ -3,6 +3,8 @@ head, attention bias and layer scales, the fixed input size, and the nchw graph 
 (Parameter counts and per-variant fold/layout equivalence are in test_zoo.py.)"""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -29,6 +31,27 @@ def test_timm_checkpoint_exact_before_and_after_fold(timm_sd, layout):
     with torch.no_grad():
         assert rel_err(model(x), expected) <= 1e-4
         assert rel_err(mobilehv.fold(model)(x), expected) <= 1e-4
+
+
+def _timm_to_official(key: str) -> str:
+    """Key of the snap-research/EfficientFormer checkpoint holding the same tensor as timm's `key`."""
+    key = re.sub(r"^stem\.(conv|norm)([12])\.",
+                 lambda m: f"patch_embed.{(0 if m[1] == 'conv' else 1) + 3 * (int(m[2]) - 1)}.", key)
+    key = re.sub(r"^stages\.(\d)\.blocks\.", lambda m: f"network.{2 * int(m[1])}.", key)
+    key = re.sub(r"^stages\.(\d)\.downsample\.(conv|norm)\.",
+                 lambda m: f"network.{2 * int(m[1]) - 1}.{'proj' if m[2] == 'conv' else 'norm'}.", key)
+    key = re.sub(r"\.ls([12])\.gamma$", r".layer_scale_\1", key)
+    return re.sub(r"^head_dist\.", "dist_head.", key)
+
+
+def test_official_checkpoint_layout_loads(timm_sd):
+    """The original repository's keys (patch_embed.N, network.N.M, layer_scale_N, dist_head)."""
+    official = {_timm_to_official(k): v for k, v in timm_sd.items()}
+    assert "network.6.4.token_mixer.qkv.weight" in official and "patch_embed.4.running_var" in official
+    x, expected = refweights.load_io(NAME)
+    model = mobilehv.create_model(NAME, layout="tokens", pretrained=official)
+    with torch.no_grad():
+        assert rel_err(model(x), expected) <= 1e-4
 
 
 def test_fold_merges_heads_and_precomputes_attention_bias():

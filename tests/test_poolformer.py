@@ -17,6 +17,7 @@ NAME = "poolformer_s12"
 
 
 def test_timm_checkpoint_exact_before_and_after_fold():
+    # the fixture's layer scales are O(1), so a wrong absorption would show in the logits
     x, expected = refweights.load_io(NAME)
     model = mobilehv.create_model(NAME, pretrained=refweights.make_state_dict(NAME))
     with torch.no_grad():
@@ -27,18 +28,6 @@ def test_timm_checkpoint_exact_before_and_after_fold():
     # GroupNorm is written as reductions (exporters would lower it through reshapes)
     assert not any(isinstance(m, (LayerScale, nn.GroupNorm)) for m in deploy.modules())
     assert any(isinstance(m, LayerScale) for m in model.modules())  # the input model is untouched
-
-
-def test_fold_absorption_exact_with_large_layer_scales():
-    """Layer scales near 1e-5 (the trained init) would hide a wrong absorption: use O(1) ones."""
-    model = mobilehv.create_model("poolformer_s24")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gamma", "norm1.bias", "norm1.weight")):
-                p.copy_(torch.randn_like(p))
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        assert rel_err(mobilehv.fold(model)(x), model(x)) <= 1e-4
 
 
 def test_input_rule():

@@ -204,8 +204,6 @@ def export(model_or_name: str | nn.Module, target: str, out_dir: str | Path = "e
     Raises ExportError / ResolutionError / UnknownModelError / CheckpointError for bad input
     (nothing written) and ExportFailed when conversion or parity fails (nothing written).
     """
-    import mobilehv
-
     t0 = time.perf_counter()
     opts = check_options(model_or_name, target, out_dir, resolution=resolution, batch=batch,
                          layout=layout, weights=weights, precision=precision, labels=labels,
@@ -343,7 +341,7 @@ def _sidecar(job: Job, key: str, tmp_path: Path, path: Path, parity: dict, ops: 
                                      "dtype": "float32", "layout": "NCHW",
                                      "preprocessing": "RGB in [0, 1], then (x - mean) / std"}),
         "mean": list(job.mean), "std": list(job.std),
-        "output": extra.pop("output", {"shape": [job.batch, job.num_classes], "meaning": "logits"}),
+        "output": extra.pop("output", {"name": "logits", "shape": [job.batch, job.num_classes], "meaning": "logits"}),
         "labels": job.labels_source if job.labels is not None else None,
         "num_classes": job.num_classes,
         "weights_sha256": job.weights_sha256,

@@ -31,7 +31,13 @@ def convert(deploy: torch.nn.Module, job, path: Path) -> dict:
             litert_torch.convert(deploy, (job.x,)).export(str(path))
     finally:
         progress.console.quiet = quiet
-    return {"attribution": {"how": "op output tensor names: '/'-joined '<class>_<attribute>' module path, ';'-joined when fused"}}
+    it = _interpreter(path)
+    (inp,), (out,) = it.get_input_details(), it.get_output_details()
+    return {"input": {"name": inp["name"], "shape": [int(d) for d in inp["shape"]], "dtype": "float32",
+                      "layout": "NCHW", "preprocessing": "RGB in [0, 1], then (x - mean) / std"},
+            "output": {"name": out["name"], "shape": [int(d) for d in out["shape"]], "meaning": "logits"},
+            "attribution": {"how": "op output tensor names: '/'-joined '<class>_<attribute>' module path, "
+                                   "';'-joined when fused"}}
 
 
 def _interpreter(path: Path):

@@ -76,6 +76,7 @@ class Attention(nn.Module):
             # Layout principle: heads split along channels. (B, heads*(2kd+vd), H, W) ->
             # (B, heads, 2kd+vd, N) is the one reshape the head split needs; no permute.
             q, k, v = self.qkv(x).reshape(b, self.num_heads, -1, h * w).split(split, dim=2)
+            # q^T k and (v attn^T) need the two transposes; softmax stays on the last axis
             attn = q.transpose(-2, -1) @ k  # (B, heads, N, N)
             attn = (attn if self.scale is None else attn * self.scale) + bias
             out = v @ attn.softmax(dim=-1).transpose(-2, -1)  # (B, heads, vd, N)
@@ -97,7 +98,7 @@ class FoldedAttention(Attention):
     run time) and the 1/sqrt(key_dim) scale absorbed into the q rows of qkv."""
 
     def __init__(self, src: Attention):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # built from a trained Attention: takes its layers, not new ones
         self.layout, self.num_heads = src.layout, src.num_heads
         self.key_dim, self.val_dim = src.key_dim, src.val_dim
         self.qkv, self.proj = src.qkv, src.proj
@@ -258,9 +259,29 @@ def _from_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch
     return out
 
 
+def _is_official(sd: Mapping[str, torch.Tensor]) -> bool:
+    return "patch_embed.0.weight" in sd and "network.0.0.mlp.fc1.weight" in sd
+
+
+def _official_key_to_timm(k: str) -> str:
+    # snap-research/EfficientFormer: `network` interleaves stages (even) and downsamples (odd);
+    # the stem is a plain Sequential; layer scales are bare parameters.
+    k = re.sub(r"^patch_embed\.([0134])\.",
+               lambda m: {"0": "stem.conv1.", "1": "stem.norm1.", "3": "stem.conv2.", "4": "stem.norm2."}[m[1]], k)
+    k = re.sub(r"^network\.(\d+)\.(\d+)\.", lambda m: f"stages.{int(m[1]) // 2}.blocks.{m[2]}.", k)
+    k = re.sub(r"^network\.(\d+)\.(proj|norm)\.",
+               lambda m: f"stages.{(int(m[1]) + 1) // 2}.downsample.{'conv' if m[2] == 'proj' else 'norm'}.", k)
+    k = re.sub(r"\.layer_scale_([12])$", r".ls\1.gamma", k)
+    return re.sub(r"^dist_head\.", "head_dist.", k)
+
+
+def _from_official(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    return _from_timm({_official_key_to_timm(k): v for k, v in sd.items()}, model)
+
+
 EFFICIENTFORMER = Family(
     "efficientformer", "Li et al., EfficientFormer: Vision Transformers at MobileNet Speed (NeurIPS 2022)",
-    converters=(Converter("timm", _is_timm, _from_timm),))
+    converters=(Converter("timm", _is_timm, _from_timm), Converter("official", _is_official, _from_official)))
 # The attention-bias table covers only the 7x7 last-stage grid of a 224 px input and is not
 # interpolated (as in the original), so 224x224 is the one size it takes.
 _RULE = InputRule(fixed=224)

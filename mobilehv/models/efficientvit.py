@@ -112,13 +112,17 @@ class LiteMLA(nn.Module):
         # reshape the matmuls need (they contract over N); each head's channels are [q | k | v].
         q, k, v = qkv.reshape(b, -1, 3 * self.head_dim, h * w).split(self.head_dim, dim=2)
         q, k = self.kernel_func(q), self.kernel_func(k)
-        dtype = v.dtype  # the original accumulates in float32 (sums over N overflow fp16)
-        q, k, v = q.float(), k.float(), v.float()
+        if v.dtype == torch.float32:
+            out = self._attend(q, k, v)
+        else:  # the original does this in float32: the sums over N overflow fp16
+            out = self._attend(q.float(), k.float(), v.float()).to(v.dtype)
+        return self.proj(out.reshape(b, -1, h, w))               # (B, G*d, H, W)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         vk = v @ k.transpose(-2, -1)                             # (B, G, d, d) = (K^T V)^T
         num = vk @ q                                             # (B, G, d, N)
         den = (q * k.sum(dim=-1, keepdim=True)).sum(dim=2, keepdim=True)  # (B, G, 1, N)
-        out = (num / (den + self.eps)).to(dtype)
-        return self.proj(out.reshape(b, -1, h, w))               # (B, G*d, H, W)
+        return num / (den + self.eps)
 
 
 class EfficientVitBlock(nn.Module):
@@ -209,8 +213,8 @@ def _from_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch
     return {re.sub(r"\.norm\.", ".bn.", k): v for k, v in sd.items()}
 
 
-FAMILY = Family("efficientvit", "Cai et al. 2022, EfficientViT: Lightweight Multi-Scale Attention "
-                "for High-Resolution Dense Prediction (arXiv 2205.14756)",
+FAMILY = Family("efficientvit", "Cai et al. 2022, EfficientViT: Enhanced Linear Attention for "
+                "High-Resolution Low-Computation Visual Recognition (arXiv 2205.14756)",
                 converters=(Converter("timm", _is_timm, _from_timm),), layouts=("nchw",))
 
 # Every conv pads, so any size runs; below 32 px the stride-32 body would reduce the map to a

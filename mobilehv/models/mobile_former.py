@@ -148,10 +148,16 @@ class DynamicReLUDeploy(nn.Module):
         return torch.maximum(x * a1, x * a2)
 
 
+def _projection_like(layer: nn.Module, out_features: int) -> nn.Module:
+    """A fresh projection of the same kind (1x1 conv or Linear), device and dtype as `layer`."""
+    layout = "nchw" if isinstance(layer, nn.Conv2d) else "tokens"
+    return Linear(layer.weight.shape[1], out_features, True, layout).to(layer.weight)
+
+
 @torch.no_grad()
 def _half(layer: nn.Module, index: int) -> nn.Module:
     out = layer.weight.shape[0] // 2
-    half = Linear(layer.weight.shape[1], out, True, "nchw" if isinstance(layer, nn.Conv2d) else "tokens")
+    half = _projection_like(layer, out)
     half.weight.copy_(layer.weight[index * out:(index + 1) * out])
     half.bias.copy_(layer.bias[index * out:(index + 1) * out])
     return half
@@ -172,8 +178,7 @@ class LinearNormAct(nn.Module):
     @torch.no_grad()
     def fold(self) -> nn.Module:
         scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-        fused = Linear(self.fc.weight.shape[1], self.fc.weight.shape[0], True,
-                       "nchw" if isinstance(self.fc, nn.Conv2d) else "tokens")
+        fused = _projection_like(self.fc, self.fc.weight.shape[0])
         fused.weight.copy_(self.fc.weight * scale.reshape(-1, *[1] * (self.fc.weight.dim() - 1)))
         fused.bias.copy_((self.fc.bias - self.bn.running_mean) * scale + self.bn.bias)
         return nn.Sequential(fused, self.act)
@@ -435,8 +440,10 @@ _BRIDGES = {
 
 
 def _mobile_names(convs: dict[str, str], hypers: dict[str, str]) -> dict[str, str]:
+    """`convN.{0,1}` -> `mobile.<name>.{conv,bn}`, `hyperN.hyper.{0,2}` -> `mobile.<name>.{fc1,fc2}`."""
     names = {f"{o}.{i}": f"mobile.{n}.{p}" for o, n in convs.items() for i, p in (("0", "conv"), ("1", "bn"))}
-    names.update({f"{o}.hyper.{i}": f"mobile.{n}.{p}" for o, n in hypers.items() for i, p in (("0", "fc1"), ("2", "fc2"))})
+    names.update({f"{o}.hyper.{i}": f"mobile.{n}.{p}"
+                  for o, n in hypers.items() for i, p in (("0", "fc1"), ("2", "fc2"))})
     return {**names, **_BRIDGES}
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib
 import re
+import sys
 from dataclasses import dataclass
 
 from mobilehv.taxonomy import CATEGORIES, op_category
@@ -68,10 +69,12 @@ class Scope:
 
 @functools.lru_cache(maxsize=None)
 def _class_attrs(qualified: str) -> tuple[str | None, bool]:
-    """(`latency_category`, `attention_scores`) of a class given by qualified name, if importable
-    (mobilehv's own classes always are); the names alone decide otherwise."""
+    """(`latency_category`, `attention_scores`) of a class given by qualified name, where its
+    module is mobilehv's or already imported; the names alone decide otherwise."""
     module, _, name = qualified.rpartition(".")
-    if not module.startswith("mobilehv."):
+    # only mobilehv's own modules or ones already imported: a name in an artifact never
+    # triggers importing arbitrary code
+    if not module.startswith("mobilehv.") and module not in sys.modules:
         return None, False
     try:
         cls = getattr(importlib.import_module(module), name)

@@ -96,3 +96,12 @@ def summary_columns() -> list[str]:
             "attributed_pct", "n_ops"]
     cats = [f"{c}_{u}" for c in CATEGORIES for u in ("ms", "pct")]
     return head + cats + ["other_op_types", "method", "artifact"]
+
+
+def share_spread(a, b):
+    """Absolute difference, in percentage points, of each category's share between two
+    summaries of the same (model, runtime, layout) rows: the repeatability measure."""
+    cols = [f"{c}_pct" for c in CATEGORIES]
+    left = a.set_index(list(KEY))[cols]
+    right = b.set_index(list(KEY))[cols].reindex(left.index)
+    return (left - right).abs().max(axis=0).rename(lambda c: c.removesuffix("_pct"))

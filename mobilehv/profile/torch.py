@@ -7,8 +7,8 @@ module-call and dispatcher work that leads to an op (which eager users pay) is c
 the timer's own cost per op (dispatch-mode entry, bookkeeping, hooks), calibrated on a chain
 of one-op modules, is subtracted. The op sequence of eager inference is deterministic, so op i
 of every repeat is the same op; its median is taken over repeats. The whole-model latency is
-measured in separate runs without timer or hooks, alternating with the timed runs, as thread
-CPU time with one thread (immune to other processes' load) and wall time otherwise.
+measured in separate runs without timer or hooks, alternating with the timed runs. With one
+thread every time is thread CPU time (immune to other processes' load), otherwise wall time.
 """
 from __future__ import annotations
 
@@ -38,43 +38,62 @@ def _shape(out) -> str:
 
 
 class _OpTimer(TorchDispatchMode):
-    def __init__(self, stack: list[tuple[Scope, ...]]):
+    def __init__(self, stack: list[tuple[Scope, ...]], clock=time.perf_counter_ns):
         super().__init__()
         self.stack = stack
+        self.clock = clock
         self.events: list[tuple[str, tuple[Scope, ...], str, float]] = []
-        self.last = time.perf_counter_ns()
+        self.last = clock()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        end = time.perf_counter_ns()
+        end = self.clock()
         self.events.append((func.overloadpacket.__name__, self.stack[-1], _shape(out),
                             (end - self.last) / 1e3))
-        self.last = time.perf_counter_ns()
+        self.last = self.clock()
         return out
 
 
 class _OneOp(nn.Module):
+    """A module running exactly one aten op of a common kind (conv, matmul, norm, pointwise,
+    data movement), on a tensor small enough that the timer's cost dominates."""
+
+    def __init__(self, kind: int):
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.ones(8, 8, 1, 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == 0:
+            return torch.nn.functional.conv2d(x, self.weight)
+        if self.kind == 1:
+            return torch.matmul(x, x)
+        if self.kind == 2:
+            return torch.nn.functional.layer_norm(x, (4,))
+        if self.kind == 3:
+            return x.transpose(-1, -2)
+        if self.kind == 4:
+            return x.softmax(-1)
         return x + 1.0
 
 
-def timer_cost_us(n: int = 200, trials: int = 15) -> float:
+def timer_cost_us(clock=time.perf_counter_ns, n: int = 240, trials: int = 15) -> float:
     """What the timer adds per op (hooks, mode entry, bookkeeping): the fastest run of a chain
     of `n` one-op modules with it, minus the fastest without it, over `n`."""
-    chain = nn.Sequential(*[_OneOp() for _ in range(n)])
+    chain = nn.Sequential(*[_OneOp(i % 6) for i in range(n)])
     x = torch.zeros(1, 8, 4, 4)
     stack: list[tuple[Scope, ...]] = [()]
     plain, timed = [], []
     with torch.inference_mode():
         for _ in range(trials):
-            start = time.perf_counter_ns()
+            start = clock()
             chain(x)
-            plain.append(time.perf_counter_ns() - start)
+            plain.append(clock() - start)
             handles = _install_hooks(chain, stack)
-            start = time.perf_counter_ns()
-            with _OpTimer(stack):
+            start = clock()
+            with _OpTimer(stack, clock):
                 chain(x)
-            timed.append(time.perf_counter_ns() - start)
+            timed.append(clock() - start)
             for h in handles:
                 h.remove()
     return max(0.0, (min(timed) - min(plain)) / n / 1e3)
@@ -102,8 +121,9 @@ def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: i
     x = torch.randn(1, 3, resolution, resolution)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    cost = timer_cost_us()
+    # one thread: thread CPU time, which other processes' load does not inflate; else wall time
     clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
+    cost = timer_cost_us(clock)
     e2e: list[float] = []
     runs = []
     stack: list[tuple[Scope, ...]] = [()]
@@ -117,7 +137,7 @@ def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: i
                 elapsed = (clock() - start) / 1e6
                 handles = _install_hooks(model, stack)
                 try:
-                    with _OpTimer(stack) as timer:
+                    with _OpTimer(stack, clock) as timer:
                         model(x)
                 finally:
                     for h in handles:

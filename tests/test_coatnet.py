@@ -1,0 +1,94 @@
+"""CoAtNet: timm checkpoint logits in both layouts, parameter counts, fold (pre-norm BN into the
+1x1 expansion, relative-position gather precomputed), the relative-bias indexing, the fixed
+input size, and the nchw deploy form's smaller data-movement count."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mobilehv
+from mobilehv.graph import data_movement_count, export_graph_ops
+from mobilehv.models.coatnet import FixedBias, RelPosBias
+from conftest import refweights, rel_err
+
+PARAMS = {"coatnet_0": 25_036_820, "coatnet_1": 42_225_776, "coatnet_2": 74_684_744}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "tokens"])
+def test_timm_checkpoint_logits(layout):
+    x, expected = refweights.load_io("coatnet_0_224")
+    model = mobilehv.create_model("coatnet_0", layout=layout,
+                                  pretrained=refweights.make_state_dict("coatnet_0_224"))
+    with torch.no_grad():
+        assert rel_err(model(x), expected) <= 1e-4
+        assert rel_err(mobilehv.fold(model)(x), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_param_count(name):
+    assert mobilehv.model_info(name)["params"] == PARAMS[name]
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    """Weights and BatchNorm statistics far from their init, so a wrong fold shows."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 1.5)
+            elif t.is_floating_point():
+                t.normal_(0, 0.1 if t.dim() < 2 else t[0].numel() ** -0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_fold(name):
+    """Every variant at its (only) size, 224: the deploy form has no BatchNorm and no bias-table
+    gather left, computes the same logits, and folding it again changes nothing."""
+    model = _randomise(mobilehv.create_model(name))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        deploy = mobilehv.fold(model)
+        kinds = {type(m) for m in deploy.modules()}
+        assert not kinds & {nn.BatchNorm2d, RelPosBias} and FixedBias in kinds
+        assert rel_err(deploy(x), ref) <= 1e-4
+        assert rel_err(mobilehv.fold(deploy)(x), ref) <= 1e-4
+
+
+def test_relative_bias_depends_on_offset_only():
+    """bias[h, i, j] = table[offset(i - j)] for a 3x3 window (tokens row-major)."""
+    rel = RelPosBias(3, num_heads=2)
+    with torch.no_grad():
+        rel.relative_position_bias_table.copy_(torch.arange(50.).reshape(25, 2))
+    bias = rel.fold()()                                   # (heads, 9, 9)
+    assert bias.shape == (2, 9, 9)
+    assert bias[0, 0, 8] == 0 and bias[1, 0, 8] == 1          # offset (-2, -2): first entry
+    assert bias[0, 8, 0] == 48                                 # offset (+2, +2): last entry
+    assert torch.all(bias[0].diagonal() == 24)                 # offset (0, 0): centre
+    assert bias[0, 1, 0] == bias[0, 5, 4] == 26                # offset (0, +1) anywhere
+
+
+def test_tokens_layout_loads_nchw_weights():
+    nchw = _randomise(mobilehv.create_model("coatnet_0"))
+    tokens = mobilehv.create_model("coatnet_0", layout="tokens", pretrained=nchw.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert rel_err(tokens(x), nchw(x)) <= 1e-4
+
+
+def test_other_size_is_refused():
+    model = mobilehv.create_model("coatnet_0")
+    with pytest.raises(mobilehv.ResolutionError, match="only 224x224"):
+        model(torch.zeros(1, 3, 256, 256))
+
+
+def test_wrong_variant_checkpoint_is_named():
+    with pytest.raises(mobilehv.CheckpointError, match="missing key 'stages.1.blocks.3"):
+        mobilehv.create_model("coatnet_1", pretrained=refweights.make_state_dict("coatnet_0_224"))
+
+
+def test_nchw_has_fewer_data_movement_ops():
+    counts = {layout: data_movement_count(export_graph_ops(
+        mobilehv.fold(mobilehv.create_model("coatnet_0", layout=layout)), 224)) for layout in ("nchw", "tokens")}
+    assert counts["nchw"] < counts["tokens"], counts

@@ -1,0 +1,73 @@
+"""MobileViT specifics: the deploy form's cheap unfold/fold and attention (data-movement count),
+the input rule the unfold imposes, layouts agreeing on non-square inputs, and the timm key
+mapping. (Parameter counts, fixtures in every layout and per-variant fold are in test_zoo.py.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mobilehv
+from mobilehv.graph import data_movement_count, export_graph_ops
+from mobilehv.models.mobilevit import CONFIGS
+from mobilehv.registry import ResolutionError
+from conftest import refweights, rel_err
+
+
+def _deploy_ops(name: str, layout: str, resolution: int = 64):
+    return export_graph_ops(mobilehv.fold(mobilehv.create_model(name, layout=layout)), resolution)
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
+def test_nchw_moves_far_less_data_than_tokens(name):
+    """What `mobilehv info` reports: the deploy form needs at most half the reshapes/transposes."""
+    nchw = data_movement_count(_deploy_ops(name, "nchw"))
+    tokens = data_movement_count(_deploy_ops(name, "tokens"))
+    assert nchw <= 0.5 * tokens, (nchw, tokens)
+
+
+def test_nchw_data_movement_is_what_the_math_needs():
+    """Per MobileViT block: SpaceToDepth + view + transpose in, transpose + view + DepthToSpace
+    out, one concat; per attention: the transpose of k and the free view merging heads."""
+    ops = _deploy_ops("mobilevit_xs", "nchw")
+    blocks = sum(1 for s in CONFIGS["xs"].stages if s.transformer_dim)
+    attentions = sum(s.transformer_depth for s in CONFIGS["xs"].stages)
+    assert ops["pixelunshuffle"] == ops["pixelshuffle"] == ops["cat"] == blocks
+    assert ops["permute"] == 2 * blocks and ops["transpose"] == attentions
+    assert ops["reshape"] == 2 * blocks + attentions
+    assert data_movement_count(ops) == 7 * blocks + 2 * attentions
+    assert ops["layernorm"] == 0 and ops["linear"] == 1  # channels-last LayerNorm/Linear: only the classifier
+
+
+def test_input_rule_follows_the_unfold():
+    model = mobilehv.create_model("mobilevit_xxs")
+    assert mobilehv.model_info("mobilevit_xxs")["input_rule"] == {"multiple": 64, "minimum": 64, "fixed": None}
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 128)).shape == (1, 1000)
+    # 224 / 32 = 7: the stride-32 MobileViT block could not unfold 2x2 patches
+    with pytest.raises(ResolutionError, match="multiples of 64"):
+        model(torch.zeros(1, 3, 224, 224))
+
+
+def test_layouts_agree_on_non_square_inputs():
+    """Unfold/fold in both layouts put every pixel back where it came from (H != W catches a
+    swapped axis), and the fixture weights give the same logits."""
+    sd = refweights.make_state_dict("mobilevit_xxs")
+    x = torch.randn(2, 3, 64, 192)
+    with torch.no_grad():
+        ref = mobilehv.create_model("mobilevit_xxs", layout="tokens", pretrained=sd)(x)
+        nchw = mobilehv.create_model("mobilevit_xxs", layout="nchw", pretrained=sd)
+        assert rel_err(nchw(x), ref) <= 1e-4
+        assert rel_err(mobilehv.fold(nchw)(x), ref) <= 1e-4
+
+
+def test_timm_keys_are_mapped_onto_both_layouts():
+    sd = refweights.make_state_dict("mobilevit_xs")
+    for layout in ("nchw", "tokens"):
+        model = mobilehv.create_model("mobilevit_xs", layout=layout, pretrained=sd)
+        state = model.state_dict()
+        assert torch.equal(state["stages.1.2.conv_dw.conv.weight"], sd["stages.1.2.conv2_kxk.conv.weight"].float())
+        assert torch.equal(state["stages.2.1.transformer.1.attn.qkv.weight"].reshape(288, 96),
+                           sd["stages.2.1.transformer.1.attn.qkv.weight"].float())
+    with pytest.raises(ValueError, match="missing key 'stages.4.1.conv_fusion.bn.running_var'"):
+        mobilehv.create_model("mobilevit_xs", pretrained={k: v for k, v in sd.items()
+                                                          if k != "stages.4.1.conv_fusion.bn.running_var"})
