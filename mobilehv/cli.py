@@ -241,7 +241,7 @@ def profile_cmd(
     table = Table(title=f"mobilehv profile ({result.machine['slug']}) -> {out}")
     for col, justify in (("model", "left"), ("runtime", "left"), ("layout", "left"), ("e2e median ms", "right"),
                          ("sum of ops ms", "right"), ("top categories", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col in ("model", "runtime", "layout"))
     for _, row in result.summary.iterrows():
         top = sorted(CATEGORIES, key=lambda c: -row[f"{c}_pct"])[:3]
         table.add_row(row["model"], row["runtime"], row["layout"], f"{row['e2e_median_ms']:.2f}",

@@ -186,7 +186,7 @@ class Stage(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, depth: int, block_type: str, window: int,
                  cfg: CoAtNetCfg, layout: str):
         super().__init__()
-        self.to_2d = layout == "tokens" and block_type == "T"
+        self.tokens_out = layout == "tokens" and block_type == "T"  # blocks end in (B, N, C)
         blocks: list[nn.Module] = []
         for i in range(depth):
             stride, dim = (2, in_chs) if i == 0 else (1, out_chs)
@@ -197,7 +197,7 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = self.blocks(x)
-        return to_2d(x, h // 2, w // 2) if self.to_2d else x
+        return to_2d(x, h // 2, w // 2) if self.tokens_out else x
 
 
 class Stem(nn.Module):

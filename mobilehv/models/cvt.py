@@ -34,11 +34,15 @@ class ConvEmbed(nn.Module):
     def __init__(self, in_chs: int, dim: int, kernel_size: int, stride: int, padding: int,
                  layout: str = "nchw"):
         super().__init__()
+        self.layout = layout
         self.proj = nn.Conv2d(in_chs, dim, kernel_size, stride, padding)
         self.norm = Norm(dim, 1e-5, layout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # the norm is applied by the stage, in its layout
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """-> (B, C, H, W) in nchw or (B, N, C) in tokens, and the grid size H, W."""
+        x = self.proj(x)
+        h, w = x.shape[-2:]
+        return (self.norm(x) if self.layout == "nchw" else self.norm(to_tokens(x))), h, w
 
 
 class ConvAttention(nn.Module):
@@ -132,16 +136,14 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, act_layer, layout) for _ in range(depth)])
 
     def forward(self, x: torch.Tensor):
-        x = self.patch_embed(x)
-        b, c, h, w = x.shape
+        x, h, w = self.patch_embed(x)
+        b = x.shape[0]
         if self.layout == "nchw":
-            x = self.patch_embed.norm(x)
             # (1, 1, C) -> (B, C, 1, 1); computed from the weight alone, so a constant after export
-            cls = None if self.cls_token is None else self.cls_token.reshape(1, c, 1, 1).repeat(b, 1, 1, 1)
+            cls = None if self.cls_token is None else self.cls_token.reshape(1, -1, 1, 1).repeat(b, 1, 1, 1)
             for blk in self.blocks:
                 x, cls = blk.forward_nchw(x, cls)
             return x, cls
-        x = self.patch_embed.norm(to_tokens(x))                       # (B, N, C)
         with_cls = self.cls_token is not None
         if with_cls:
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)

@@ -235,7 +235,8 @@ def _rename(key: str, dynamic: bool) -> str:
 
 
 def _from_official(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    # `attn2conv.conv.bias` is the depthwise conv's bias in both kinds; the checkpoint says which
+    # `attn2conv.conv.bias` is nn.Conv2d's bias (static) or DynamicDWConv's own bias (dynamic);
+    # the checkpoint's kernel-generator keys say which
     dynamic = any(".attn2conv.conv.conv1." in k for k in sd)
     return {_rename(k, dynamic): v for k, v in sd.items()}
 
@@ -248,25 +249,21 @@ FAMILY = Family("dwnet", "Han et al. ICLR 2022, On the Connection between Local 
 RULE = InputRule(multiple=32, minimum=32)
 
 
-def _build(cfg: DWNetConfig, layout: str, num_classes: int) -> DWNet:
-    return DWNet(cfg, num_classes, layout)
-
-
 @register_model(FAMILY, 224, RULE)
 def dwnet_tiny(layout: str = "nchw", num_classes: int = 1000) -> nn.Module:
-    return _build(DWNetConfig(96, (2, 2, 6, 2)), layout, num_classes)
+    return DWNet(DWNetConfig(96, (2, 2, 6, 2)), num_classes, layout)
 
 
 @register_model(FAMILY, 224, RULE)
 def dwnet_base(layout: str = "nchw", num_classes: int = 1000) -> nn.Module:
-    return _build(DWNetConfig(128, (2, 2, 18, 2)), layout, num_classes)
+    return DWNet(DWNetConfig(128, (2, 2, 18, 2)), num_classes, layout)
 
 
 @register_model(FAMILY, 224, RULE)
 def dwnet_tiny_dynamic(layout: str = "nchw", num_classes: int = 1000) -> nn.Module:
-    return _build(DWNetConfig(96, (2, 2, 6, 2), dynamic=True), layout, num_classes)
+    return DWNet(DWNetConfig(96, (2, 2, 6, 2), dynamic=True), num_classes, layout)
 
 
 @register_model(FAMILY, 224, RULE)
 def dwnet_base_dynamic(layout: str = "nchw", num_classes: int = 1000) -> nn.Module:
-    return _build(DWNetConfig(128, (2, 2, 18, 2), dynamic=True), layout, num_classes)
+    return DWNet(DWNetConfig(128, (2, 2, 18, 2), dynamic=True), num_classes, layout)
