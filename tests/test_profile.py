@@ -214,7 +214,7 @@ def test_bad_artifacts(tmp_path):
     node = helper.make_node("Relu", ["x"], ["y"], name="relu")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
-    onnx.save(helper.make_model(graph), foreign)
+    onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 18)]), foreign)
     assert "module names" in _bad(["--artifact", str(foreign)], out)
     fake = tmp_path / "fake.tflite"
     fake.write_bytes(b"garbage" * 20)

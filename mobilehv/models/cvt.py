@@ -51,10 +51,11 @@ class ConvAttention(nn.Module):
     Scores are scaled by dim**-0.5 (the full width, as in the official code, not the head width).
     """
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 3, stride_kv: int = 2,
+    def __init__(self, dim: int, num_heads: int, with_cls: bool, kernel_size: int = 3, stride_kv: int = 2,
                  layout: str = "nchw"):
         super().__init__()
         self.layout = layout
+        self.with_cls = with_cls
         self.num_heads = num_heads
         self.scale = dim ** -0.5
         self.conv_proj_q = ConvNormAct(dim, dim, kernel_size, 1, groups=dim, act_layer=None)
@@ -65,7 +66,10 @@ class ConvAttention(nn.Module):
         self.proj_v = Linear(dim, dim, True, layout)
         self.proj = Linear(dim, dim, True, layout)
 
-    def forward_nchw(self, x: torch.Tensor, cls: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, cls: torch.Tensor | None = None, size: tuple[int, int] = (0, 0)):
+        """nchw: (x (B, C, H, W), cls (B, C, 1, 1) or None) -> same; tokens: x (B, [1 +] H*W, C), size (H, W)."""
+        if self.layout == "tokens":
+            return self.forward_tokens(x, *size)
         b, c, h, w = x.shape
         heads, d = self.num_heads, c // self.num_heads
         # Layout principle: heads split along channels, (B, C, H, W) -> (B, heads, d, N); no permute
@@ -83,14 +87,14 @@ class ConvAttention(nn.Module):
         out_cls, out = out.split([1, h * w], dim=-1)
         return self.proj(out.reshape(b, c, h, w)), self.proj(out_cls.reshape(b, c, 1, 1))
 
-    def forward_tokens(self, x: torch.Tensor, h: int, w: int, with_cls: bool) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         b, n, c = x.shape
         heads, d = self.num_heads, c // self.num_heads
-        if with_cls:
+        if self.with_cls:
             cls, x = x.split([1, h * w], dim=1)
         x = to_2d(x, h, w)
         q, k, v = (to_tokens(p(x)) for p in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
-        if with_cls:
+        if self.with_cls:
             q, k, v = (torch.cat([cls, t], dim=1) for t in (q, k, v))
         # (B, N, C) -> (B, heads, N, d)
         q = self.proj_q(q).reshape(b, -1, heads, d).transpose(1, 2)
@@ -102,27 +106,27 @@ class ConvAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, act_layer: Callable[[], nn.Module],
-                 layout: str = "nchw"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, with_cls: bool,
+                 act_layer: Callable[[], nn.Module], layout: str = "nchw"):
         super().__init__()
         self.layout = layout
         self.norm1 = Norm(dim, 1e-5, layout)
-        self.attn = ConvAttention(dim, num_heads, layout=layout)
+        self.attn = ConvAttention(dim, num_heads, with_cls, layout=layout)
         self.norm2 = Norm(dim, 1e-5, layout)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, layout=layout)
 
-    def forward_nchw(self, x: torch.Tensor, cls: torch.Tensor | None):
-        a, a_cls = self.attn.forward_nchw(self.norm1(x), None if cls is None else self.norm1(cls))
+    def forward(self, x: torch.Tensor, cls: torch.Tensor | None = None, size: tuple[int, int] = (0, 0)):
+        """Same signature as ConvAttention.forward."""
+        if self.layout == "tokens":
+            x = x + self.attn(self.norm1(x), size=size)
+            return x + self.mlp(self.norm2(x))
+        a, a_cls = self.attn(self.norm1(x), None if cls is None else self.norm1(cls))
         x = x + a
         x = x + self.mlp(self.norm2(x))
         if cls is not None:
             cls = cls + a_cls
             cls = cls + self.mlp(self.norm2(cls))
         return x, cls
-
-    def forward_tokens(self, x: torch.Tensor, h: int, w: int, with_cls: bool) -> torch.Tensor:
-        x = x + self.attn.forward_tokens(self.norm1(x), h, w, with_cls)
-        return x + self.mlp(self.norm2(x))
 
 
 class Stage(nn.Module):
@@ -133,7 +137,8 @@ class Stage(nn.Module):
         self.layout = layout
         self.patch_embed = ConvEmbed(in_chs, dim, *patch, layout=layout)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, act_layer, layout) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, cls_token, act_layer, layout)
+                                     for _ in range(depth)])
 
     def forward(self, x: torch.Tensor):
         x, h, w = self.patch_embed(x)
@@ -142,13 +147,13 @@ class Stage(nn.Module):
             # (1, 1, C) -> (B, C, 1, 1); computed from the weight alone, so a constant after export
             cls = None if self.cls_token is None else self.cls_token.reshape(1, -1, 1, 1).repeat(b, 1, 1, 1)
             for blk in self.blocks:
-                x, cls = blk.forward_nchw(x, cls)
+                x, cls = blk(x, cls)
             return x, cls
         with_cls = self.cls_token is not None
         if with_cls:
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         for blk in self.blocks:
-            x = blk.forward_tokens(x, h, w, with_cls)
+            x = blk(x, size=(h, w))
         cls = None
         if with_cls:
             cls, x = x.split([1, h * w], dim=1)
