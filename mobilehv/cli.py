@@ -124,7 +124,7 @@ def export_cmd(
     from mobilehv.checkpoints import CheckpointError
     from mobilehv.export import TARGETS, ExportError, ExportFailed, check_options, export
     from mobilehv.export._common import quiet_native_output
-    from mobilehv.registry import ResolutionError
+    from mobilehv.registry import ResolutionError, get_spec
 
     if bool(names) == all_models:
         fail("give one or more model names, or --all (not both)")
@@ -132,7 +132,7 @@ def export_cmd(
         fail("--labels and --no-labels exclude each other")
     if all_models:
         names = [n for n in mobilehv.list_models()
-                 if layout is None or layout.value in mobilehv.model_info(n)["layouts"]]
+                 if layout is None or layout.value in get_spec(n).family.layouts]
     if weights is not None and len(names) > 1:
         fail(f"--weights is the checkpoint of one model; got {len(names)} models")
     targets = list(TARGETS) if target is Target.all else [target.value]
@@ -176,6 +176,8 @@ def export_cmd(
         size = f"{r.size_bytes / 1e6:.2f}" if r.size_bytes else "-"
         table.add_row(r.model, r.target, status, size, error, f"{r.seconds:.1f}")
     console.print(table)
+    for note in dict.fromkeys(f"{r.model} {r.target}: {n}" for r in results for n in r.notes):
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     for message in failures:
         err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     if failures:

@@ -137,10 +137,32 @@ def check_coreml(result, info: dict, resolution: int) -> None:
     assert info["normalisation_check_max_rel"] <= 1e-5
 
 
+def informative_model(name: str, resolution: int) -> torch.nn.Module:
+    """The model with seeded weights whose output depends on the image, as trained weights' does.
+
+    A random init often ignores the input (zero-initialised branch norms, activations that
+    shrink layer after layer), so parity would compare constants. A small seeded shift of every
+    parameter plus BatchNorm statistics calibrated on a few images (as a trained net has) fix it.
+    """
+    torch.manual_seed(0)
+    model = mobilehv.create_model(name)
+    g = torch.Generator().manual_seed(1)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the calibration pass
+        model.train()(normalise(parity_image(4, resolution, seed=2), model.mobilehv.mean, model.mobilehv.std))
+    return model.eval()
+
+
 def _run(name: str, target: str, out, resolution: int):
     t = time.perf_counter()
     cpu = time.process_time()
-    result = export(name, target, out, resolution=resolution)
+    result = export(informative_model(name, resolution), target, out, resolution=resolution)
+    assert result.parity["input_dependent"] and result.notes == []
     info = check_artifact(result, name, target, resolution)
     if target == "onnx":
         check_onnx(result)
@@ -191,17 +213,28 @@ def test_cache_reuses_a_matching_artifact(tmp_path):
 
 def test_failed_parity_leaves_nothing(tmp_path):
     out = tmp_path / "out"
+    model = informative_model(NAME, RES)
     with pytest.raises(ExportFailed, match="parity .* failed") as e:
-        export(NAME, "onnx", out, resolution=RES, tolerance=0.0)
+        export(model, "onnx", out, resolution=RES, tolerance=0.0)
     assert e.value.result.errors and e.value.result.path is None
     assert str(e.value).count("\n") == 0
     assert not out.exists()
     # an existing artifact survives a failed re-export untouched
-    ok = export(NAME, "onnx", out, resolution=RES)
+    ok = export(model, "onnx", out, resolution=RES)
     before = {p.name: sha256_path(p) for p in ok.path.parent.iterdir()}
     with pytest.raises(ExportFailed):
-        export(NAME, "onnx", out, resolution=RES, tolerance=0.0)
+        export(model, "onnx", out, resolution=RES, tolerance=0.0)
     assert {p.name: sha256_path(p) for p in ok.path.parent.iterdir()} == before
+
+
+def test_input_independent_weights_are_flagged(tmp_path):
+    model = mobilehv.create_model(NAME)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    result = export(model, "onnx", tmp_path, resolution=RES)
+    assert result.parity["input_dependent"] is False and "compares constants only" in result.notes[0]
+    assert json.loads(result.sidecar.read_text())["notes"] == result.notes
 
 
 def test_coreml_raw_logits_and_names(tmp_path):

@@ -55,6 +55,8 @@ def test_module_context_decides_before_op_type():
     assert categorise("MatMul", attn) == "attention"
     assert categorise("Softmax", attn) == "attention"
     assert categorise("Transpose", attn) == "reshape"      # data movement stays reshape
+    cross = _chain(("blocks.0.mobile_to_former", "mobilehv.models.mobile_former.MobileToFormer"))
+    assert categorise("MatMul", cross) == "attention"      # Mobile-Former's cross attention
     qkv = attn + (Scope("blocks.0.attn.qkv", "torch.nn.modules.conv.Conv2d"),)
     assert categorise("Conv", qkv) == "conv"
     assert categorise("MatMul", _chain(("blocks.0.mlp.fc1", "torch.nn.modules.linear.Linear"))) == "linear"

@@ -92,6 +92,7 @@ class Job:
     x: torch.Tensor = None       # the same, normalised: what ONNX/TFLite artifacts take
     ref: np.ndarray = None       # deploy-form logits on `x`
     weights_sha256: str = ""
+    weights_source: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -217,14 +218,25 @@ def export(model_or_name: str | nn.Module, target: str, out_dir: str | Path = "e
               deployment_target, opset, spec.mean, spec.std)
 
     deploy, job.weights_sha256 = _deploy_form(model_or_name, job, weights)
+    job.weights_source = (f"file {Path(weights).name}" if isinstance(weights, (str, Path)) else
+                          "state dict" if weights is not None else
+                          "the given module" if isinstance(model_or_name, nn.Module) else "random init (seed 0)")
     job.image = C.parity_image(job.batch, job.resolution)
     job.x = C.normalise(job.image, job.mean, job.std)
     with torch.no_grad():
         job.ref = deploy(job.x).float().numpy()
+        other = deploy(C.normalise(C.parity_image(job.batch, job.resolution, seed=1), job.mean, job.std))
+    # Weights whose output ignores the input (e.g. a random init with zero-initialised residual
+    # branches) make any parity check compare constants: say so rather than claim a verification.
+    spread = float(np.abs(other.float().numpy() - job.ref).max())
+    input_dependent = spread > 1e-6 * float(np.abs(job.ref).max())
     if job.labels is not None and len(job.labels) != job.num_classes:
         raise ExportError(f"{len(job.labels)} labels ({job.labels_source}) for a model with "
                           f"{job.num_classes} classes; pass --labels FILE with {job.num_classes} lines or --no-labels")
     timings = {"prepare": time.perf_counter() - t0}
+    notes = [] if input_dependent else [
+        "the deploy form's output does not depend on its input with these weights (random init?): "
+        "the parity check compares constants only"]
 
     model_dir = Path(out_dir) / job.name
     stem = artifact_stem(job.name, fmt, layout=job.layout, resolution=job.resolution,
@@ -233,7 +245,7 @@ def export(model_or_name: str | nn.Module, target: str, out_dir: str | Path = "e
     path = model_dir / (stem + fmt.suffix)
     sidecar = path.with_name(path.name + ".json")
     key = _cache_key(job, verify, tol)
-    result = ExportResult(job.name, fmt.name, job.precision, timings=timings)
+    result = ExportResult(job.name, fmt.name, job.precision, timings=timings, notes=notes)
     if cache:
         hit = _cached(path, sidecar, key, result)
         if hit is not None:
@@ -256,6 +268,7 @@ def export(model_or_name: str | nn.Module, target: str, out_dir: str | Path = "e
         except Exception as e:
             _fail(result, f"{fmt.name} verification of {job.name} failed: {_first_line(e)}", e)
         timings["verify"] = time.perf_counter() - t
+        parity["input_dependent"] = input_dependent
         result.parity = parity
         if parity.get("ran") and not parity["passed"]:
             why = (f"max rel error {parity['max_rel']:.3g} > {tol.rel:g}" if parity["max_rel"] > tol.rel
@@ -344,7 +357,7 @@ def _sidecar(job: Job, key: str, tmp_path: Path, path: Path, parity: dict, ops: 
         "output": extra.pop("output", {"name": "logits", "shape": [job.batch, job.num_classes], "meaning": "logits"}),
         "labels": job.labels_source if job.labels is not None else None,
         "num_classes": job.num_classes,
-        "weights_sha256": job.weights_sha256,
+        "weights": job.weights_source, "weights_sha256": job.weights_sha256,
         "versions": _versions(job.fmt),
         "platform": f"{platform.system()} {platform.machine()}",
         "artifact": {"file": path.name, "sha256": C.sha256_path(tmp_path),

@@ -23,7 +23,7 @@ Families that set neither are still attributed by names (attribute path and clas
   `LayerNorm2d`, `GroupNorm`, `BatchNorm2d`, `Affine`, ...), an activation (`GELU`, `DyReLU`,
   ...) or a pooling (`AvgPool2d`, `Pooling`, ...) decides for everything inside it;
 * attention: ops run directly in a module whose class ends in `Attention`/`Attn` (or
-  `MHSA`, `LiteMLA`, `Mobile2Former`, `Former2Mobile`) or whose attribute is `attn`,
+  `MHSA`, `LiteMLA`, `MobileToFormer`, `FormerToMobile`) or whose attribute is `attn`,
   `attention`, `mhsa`, `m2f`, `f2m`, ... as with `attention_scores = True`.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ _ACT_CLASS = re.compile(r"^(DyReLU\w*|DynamicReLU\w*|ReLU6?|GELU|SiLU|Swish|HSwi
                         r"LeakyReLU|PReLU|QuickGELU|StarReLU)$")
 _POOL_CLASS = re.compile(r"(Pool\d*d?|Pooling)$")
 _ATTN_CLASS = re.compile(r"((Attention|Attn)(\d*d|4D|Subsample|Downsample)?|MHSA|LiteMLA|"
-                         r"^Mobile2Former|^Former2Mobile)$")
+                         r"^Mobile(2|To)Former|^Former(2|To)Mobile)$")
 _ATTN_ATTR = re.compile(r"^(attn|attention|mhsa|self_attn|cross_attn|m2f|f2m|mobile2former|"
                         r"former2mobile)$")
 

@@ -153,7 +153,7 @@ def _time_invokes(it, warmup: int, repeats: int, clock) -> list[float]:
 
 
 def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: int = 5,
-        repeats: int = 20, progress=None) -> RunResult:
+        repeats: int = 20) -> RunResult:
     path = Path(path)
     data, model = _load(path)
     sub = model.subgraphs[0]
@@ -193,8 +193,6 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
         shape = ",".join("x".join(map(str, sub.tensors[o].shape)) for o in op.outputs)
         ops.append(OpRecord(f"{index}:{out.name.decode(errors='replace')[:80]}", op_type,
                             scopes or (), shape, samples))
-        if progress:
-            progress(index + 1, len(sub.operators))
     return RunResult(name, "tflite", layout, int(inp["shape"][-1]), ops,
                      [t / 1e3 for t in e2e_us], METHOD, artifact=path.name,
                      extra={"clock": "thread_cpu" if threads == 1 else "wall"})
