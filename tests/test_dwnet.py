@@ -1,20 +1,18 @@
-"""DWNet: official-code fixture in both layouts, parameter counts, folding, the dynamic
-depthwise conv, official key layout of the dynamic variants, input rule, data movement."""
+"""DWNet specifics: the dynamic depthwise conv, official key layout of the dynamic variants,
+input rule, data movement. (Fixture logits, parameter counts and per-variant fold/layout
+equivalence are in test_zoo.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import refweights, rel_err
+from conftest import rel_err
 from torch import nn
 
 import mobilehv
 from mobilehv.graph import data_movement_count, export_graph_ops
 from mobilehv.models.dwnet import DynamicDWConv
 from mobilehv.registry import ResolutionError
-
-PARAMS = {"dwnet_tiny": 24_172_744, "dwnet_base": 74_347_112,
-          "dwnet_tiny_dynamic": 51_131_752, "dwnet_base_dynamic": 161_597_928}
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
@@ -27,34 +25,6 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
                 m.weight.normal_(1, 0.1)
                 m.bias.normal_(0, 0.1)
     return model
-
-
-@pytest.mark.parametrize("layout", ["nchw", "tokens"])
-def test_fixture_logits_and_fold(layout):
-    sd = refweights.make_state_dict("dwnet_tiny")
-    x, expected = refweights.load_io("dwnet_tiny")
-    model = mobilehv.create_model("dwnet_tiny", layout=layout, pretrained=sd)
-    folded = mobilehv.fold(model)
-    assert not any(isinstance(m, (nn.BatchNorm2d, mobilehv.layers.Affine)) for m in folded.modules())
-    with torch.no_grad():
-        assert rel_err(model(x), expected) <= 1e-4
-        assert rel_err(folded(x), expected) <= 1e-4
-
-
-@pytest.mark.parametrize("name", sorted(PARAMS))
-def test_params(name):
-    assert mobilehv.model_info(name)["params"] == PARAMS[name]
-
-
-@pytest.mark.parametrize("name", sorted(PARAMS))
-def test_fold_equivalence(name):
-    model = _randomise_bn(mobilehv.create_model(name))
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        expected = model(x)
-        folded = mobilehv.fold(model, inplace=True)  # in place: the base models are large
-        assert rel_err(folded(x), expected) <= 1e-4
-        assert rel_err(mobilehv.fold(folded)(x), expected) <= 1e-4  # folding twice: no-op
 
 
 def test_dynamic_layouts_agree():

@@ -1,4 +1,5 @@
-"""EfficientViT: timm fixture, parameter counts, folding, the linear-attention rewrite, input rule."""
+"""EfficientViT specifics: the linear-attention rewrite, the input rule, one layout only.
+(Fixture logits, parameter counts and per-variant fold are in test_zoo.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,6 @@ from mobilehv.checkpoints import CheckpointError
 from mobilehv.models.efficientvit import LiteMLA
 from mobilehv.registry import ResolutionError
 
-PARAMS = {"efficientvit_b0": 3_410_008, "efficientvit_b1": 9_102_024,
-          "efficientvit_b2": 24_330_712, "efficientvit_b3": 48_646_056}
-
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics, so that folding has something to get wrong."""
@@ -26,35 +24,6 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
                 m.weight.normal_(1, 0.1)
                 m.bias.normal_(0, 0.1)
     return model
-
-
-def test_fixture_logits_and_fold():
-    sd = refweights.make_state_dict("efficientvit_b0")
-    x, expected = refweights.load_io("efficientvit_b0")
-    model = mobilehv.create_model("efficientvit_b0", pretrained=sd)
-    folded = mobilehv.fold(model)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    with torch.no_grad():
-        assert rel_err(model(x), expected) <= 1e-4
-        assert rel_err(folded(x), expected) <= 1e-4
-
-
-@pytest.mark.parametrize("name", sorted(PARAMS))
-def test_params(name):
-    info = mobilehv.model_info(name)
-    assert info["params"] == PARAMS[name]
-    assert info["layouts"] == ["nchw"]
-
-
-@pytest.mark.parametrize("name", sorted(PARAMS))
-def test_fold_equivalence(name):
-    model = _randomise_bn(mobilehv.create_model(name))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-        folded = mobilehv.fold(model, inplace=True)
-        assert rel_err(folded(x), expected) <= 1e-4
-        assert rel_err(mobilehv.fold(folded)(x), expected) <= 1e-4  # folding twice: no-op
 
 
 def _lite_mla_original(m: LiteMLA, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""MobileViT specifics: the deploy form's cheap unfold/fold and attention (data-movement count),
+"""MobileViT specifics: the deploy form's conv unfold/fold and attention (data-movement count),
 the input rule the unfold imposes, layouts agreeing on non-square inputs, and the timm key
 mapping. (Parameter counts, fixtures in every layout and per-variant fold are in test_zoo.py.)"""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import mobilehv
 from mobilehv.graph import data_movement_count, export_graph_ops
-from mobilehv.models.mobilevit import CONFIGS
+from mobilehv.models.mobilevit import CONFIGS, MobileViTBlockDeploy
 from mobilehv.registry import ResolutionError
 from conftest import refweights, rel_err
 
@@ -18,24 +18,42 @@ def _deploy_ops(name: str, layout: str, resolution: int = 64):
 
 
 @pytest.mark.parametrize("name", ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
-def test_nchw_moves_far_less_data_than_tokens(name):
-    """What `mobilehv info` reports: the deploy form needs at most half the reshapes/transposes."""
+def test_nchw_moves_less_data_than_tokens(name):
+    """What `mobilehv info` reports (measured: 63 vs 87 for every variant)."""
     nchw = data_movement_count(_deploy_ops(name, "nchw"))
     tokens = data_movement_count(_deploy_ops(name, "tokens"))
-    assert nchw <= 0.5 * tokens, (nchw, tokens)
+    assert nchw <= 0.75 * tokens, (nchw, tokens)
 
 
 def test_nchw_data_movement_is_what_the_math_needs():
-    """Per MobileViT block: SpaceToDepth + view + transpose in, transpose + view + DepthToSpace
-    out, one concat; per attention: the transpose of k and the free view merging heads."""
+    """Per MobileViT block: unfold and fold are convolutions, leaving two batch<->channel views
+    and the fusion concat; per attention: the head split (view + chunk), the transposes of the
+    small q, v and output matrices (never of the N x N scores) and the view merging heads."""
     ops = _deploy_ops("mobilevit_xs", "nchw")
     blocks = sum(1 for s in CONFIGS["xs"].stages if s.transformer_dim)
     attentions = sum(s.transformer_depth for s in CONFIGS["xs"].stages)
-    assert ops["pixelunshuffle"] == ops["pixelshuffle"] == ops["cat"] == blocks
-    assert ops["permute"] == 2 * blocks and ops["transpose"] == attentions
-    assert ops["reshape"] == 2 * blocks + attentions
-    assert data_movement_count(ops) == 7 * blocks + 2 * attentions
+    assert ops["conv2d"] > 0 and ops["convtranspose2d"] == ops["cat"] == blocks
+    assert "permute" not in ops and "pixelunshuffle" not in ops
+    assert ops["reshape"] == 2 * blocks + 2 * attentions
+    assert ops["chunk"] == attentions and ops["transpose"] == 3 * attentions
+    assert data_movement_count(ops) == 3 * blocks + 6 * attentions
     assert ops["layernorm"] == 0 and ops["linear"] == 1  # channels-last LayerNorm/Linear: only the classifier
+
+
+def test_deploy_block_convs_replace_unfold_and_fold():
+    """The fused 2x2 stride-2 (transposed) convs equal conv_1x1 + unfold and fold + conv_proj,
+    on an input whose BN statistics are not trivial (batch 2, non-square)."""
+    model = mobilehv.create_model("mobilevit_xxs")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    deploy = mobilehv.fold(model)
+    assert sum(isinstance(m, MobileViTBlockDeploy) for m in deploy.modules()) == 3
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        assert rel_err(deploy(x), model.eval()(x)) <= 1e-5
+        assert torch.equal(mobilehv.fold(deploy)(x), deploy(x))
 
 
 def test_input_rule_follows_the_unfold():

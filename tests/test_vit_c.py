@@ -1,6 +1,6 @@
-"""ViT_C: parameter counts of the paper's tables, the mobilehv key layout (a checkpoint saved
-from one layout loads into the other and gives the same logits, before and after fold), the
-fixed input size, and data movement per layout. No public checkpoint exists, so no fixture."""
+"""ViT_C specifics: the mobilehv key layout (a checkpoint saved from one layout loads into the
+other and gives the same logits, before and after fold), the fixed input size, and data movement
+per layout. No public checkpoint exists, so no fixture; parameter counts are in test_zoo.py."""
 from __future__ import annotations
 
 import pytest
@@ -11,15 +11,7 @@ from mobilehv.graph import data_movement_count, export_graph_ops
 from conftest import rel_err
 
 # paper: 4.57M / 17.75M / 81.57M / 167.80M; ours, exactly:
-PARAMS = {"vit_c_1gf": 4_567_936, "vit_c_4gf": 17_754_136, "vit_c_18gf": 81_573_160, "vit_c_36gf": 167_796_008}
 PAPER = {"vit_c_1gf": 4.57e6, "vit_c_4gf": 17.75e6, "vit_c_18gf": 81.57e6, "vit_c_36gf": 167.80e6}
-
-
-@pytest.mark.parametrize("name", sorted(PARAMS))
-def test_param_count(name):
-    params = mobilehv.model_info(name)["params"]
-    assert params == PARAMS[name]
-    assert abs(params - PAPER[name]) / PAPER[name] < 5e-3
 
 
 def test_key_layout():
@@ -50,15 +42,6 @@ def test_saved_checkpoint_crosses_layouts(tmp_path, src, dst):
         ref = model(x)
         assert rel_err(other(x), ref) <= 1e-4
         assert rel_err(mobilehv.fold(other)(x), ref) <= 1e-4
-
-
-@pytest.mark.parametrize("name", ["vit_c_1gf", "vit_c_4gf", pytest.param("vit_c_18gf", marks=pytest.mark.full),
-                                  pytest.param("vit_c_36gf", marks=pytest.mark.full)])
-def test_fold_equivalence(name):
-    model = _randomise(mobilehv.create_model(name))
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        assert rel_err(mobilehv.fold(model)(x), model(x)) <= 1e-4
 
 
 def test_other_size_is_refused():

@@ -9,10 +9,9 @@ The unfold/fold is where the layouts differ (see `MobileViTBlock`):
 * `tokens` (reference): the paper's code path, `(B, C, H, W) -> (B*P, N, C)` by three
   reshapes and two transposes each way, nn.LayerNorm + nn.Linear, and the head split of
   standard multi-head attention.
-* `nchw` (deploy): one SpaceToDepth and one transpose each way, and channels-first token
-  matrices `(B, P, 1, C, N)` inside the transformer, on which projections are `W @ x` and
-  heads come out of the weight's shape, so attention moves only k (its transpose) and the merged
-  heads (a free view).
+* `nchw` (deploy): one permute each way makes the pixel-in-patch offset a batch dim, so the
+  transformer runs on ordinary `(B*P, C, h, w)` maps (1x1 convs, norms over dim 1, heads split
+  along channels); only attention's matmuls see `(d, N)` matrices (see `PatchAttention`).
 """
 from __future__ import annotations
 
@@ -21,87 +20,58 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mobilehv.layers import Attention, ConvNormAct, InvertedResidual, Mlp
+from mobilehv.layers import Attention, ConvNormAct, InvertedResidual, Linear, Mlp
 from mobilehv.registry import Converter, Family, InputRule, register_model
 
 PATCH = 2  # every MobileViT variant unfolds 2x2 patches; P = PATCH * PATCH pixels per patch
 
 
-# --- nchw (deploy) transformer parts: channels-first token matrices (..., C, N) -----------------
-# Layout principle: keep channels before tokens, as NCHW does, so that no transpose is needed to
-# enter or leave the transformer; a projection is then `W @ x` (a 1x1 conv in matrix form, which
-# broadcasts over the leading batch and pixel-in-patch dims) and a norm reduces over dim -2.
+# --- nchw (deploy) transformer parts: the 2x2 patch offset as a batch dim, (B*P, C, h, w) maps ---
+# Layout principle: after the unfold every pixel-in-patch p is its own (C, h, w) map, so the
+# transformer is ordinary 4-D conv-net code: projections are 1x1 convs and norms reduce over dim 1.
+# Only attention leaves the map, and only for its matmuls. LiteRT's converter turns these maps
+# into NHWC as it does for any conv net, so projections and norms run without transposes there.
 
 
-class ChannelsFirstLinear(nn.Linear):
-    """`W x + b` on `(..., C_in, N) -> (..., C_out, N)`; nn.Linear's parameters, so checkpoint
-    keys and shapes are those of the tokens layout."""
+class PatchLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels (dim 1) of `(B*P, C, h, w)`, with nn.LayerNorm's parameters.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.weight, x) + self.bias[:, None]
-
-
-class ChannelsFirstLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of `(..., C, N)` (dim -2): reductions, no permute to
-    channels-last and back."""
+    The affine is broadcast as a 4-D `(1, C, 1, 1)` constant: litert-torch's layout pass keeps an
+    op NHWC only if all its operands are 4-D, and a `(C, 1, 1)` operand would cost a TRANSPOSE
+    pair around every norm of the .tflite.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - x.mean(dim=-2, keepdim=True)
-        x = centred * torch.rsqrt((centred * centred).mean(dim=-2, keepdim=True) + self.eps)
-        return x * self.weight[:, None] + self.bias[:, None]
+        centred = x - x.mean(dim=1, keepdim=True)
+        x = centred * torch.rsqrt((centred * centred).mean(dim=1, keepdim=True) + self.eps)
+        return x * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
 
 
-class HeadSplitQKV(nn.Linear):
-    """The fused qkv projection, returning q, k, v already split into heads.
+class PatchAttention(nn.Module):
+    """Multi-head self-attention over the N = h*w pixels of each `(C, h, w)` map of the batch.
 
-    Layout principle: reshape the weight, not the activation. `(3C, C) -> 3 x (heads, d, C)`
-    applied to `(..., 1, C, N)` broadcasts to `(..., heads, d, N)`; weight-only ops (the split,
-    the softmax scale folded into q) are constants in every deploy runtime.
+    Heads are split along channels: `(B', 3C, h, w) -> (B', 3*heads, C/heads, N)` is a view.
+    Scores are query-major `(N_q, N_k)`, so the softmax is over the last axis (a softmax over
+    dim -2 costs a transpose pair in onnxruntime and an unfused exp/sum/div in LiteRT), and the
+    value product is `attn @ v^T`: the three transposes (q, v, output) move small `(d, N)`
+    matrices and the `(N, N)` scores are never transposed.
     """
 
     def __init__(self, dim: int, num_heads: int):
-        super().__init__(dim, 3 * dim)
+        super().__init__()
         self.num_heads = num_heads
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        head_dim = self.in_features // self.num_heads
-        w = self.weight.reshape(3, self.num_heads, head_dim, self.in_features)
-        b = self.bias.reshape(3, self.num_heads, head_dim, 1)
-        scale = head_dim ** -0.5
-        q = torch.matmul(w[0] * scale, x) + b[0] * scale  # (B, P, heads, d, N)
-        return q, torch.matmul(w[1], x) + b[1], torch.matmul(w[2], x) + b[2]
-
-
-class ChannelsFirstAttention(nn.Module):
-    """Multi-head self-attention over the N tokens of `(B, P, 1, C, N)`, batched over P.
-
-    Scores are formed key-major, `k^T q: (N_k, N_q)`, and normalised over the keys (dim -2),
-    so `v @ attn` is already `(d, N_q)`: one transpose (of k) per attention instead of three.
-    """
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.qkv = HeadSplitQKV(dim, num_heads)
-        self.proj = ChannelsFirstLinear(dim, dim)
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = Linear(dim, 3 * dim, True, "nchw")
+        self.proj = Linear(dim, dim, True, "nchw")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x)                                 # (B, P, heads, d, N) each
-        attn = (k.transpose(-2, -1) @ q).softmax(dim=-2)      # (B, P, heads, N_k, N_q)
-        return self.proj((v @ attn).reshape(x.shape))         # heads -> channels: (B, P, 1, C, N)
-
-
-class ChannelsFirstMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = ChannelsFirstLinear(dim, hidden)
-        self.act = nn.SiLU()
-        self.fc2 = ChannelsFirstLinear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3 * self.num_heads, c // self.num_heads, h * w).chunk(3, dim=1)
+        attn = ((q.transpose(-2, -1) * self.scale) @ k).softmax(dim=-1)  # (B', heads, N_q, N_k)
+        out = (attn @ v.transpose(-2, -1)).transpose(-2, -1)              # (B', heads, d, N_q)
+        return self.proj(out.reshape(b, c, h, w))                         # heads -> channels: a view
 
 
 # --- blocks -------------------------------------------------------------------------------------
@@ -114,10 +84,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         if layout == "nchw":
-            self.norm1 = ChannelsFirstLayerNorm(dim)
-            self.attn = ChannelsFirstAttention(dim, num_heads)
-            self.norm2 = ChannelsFirstLayerNorm(dim)
-            self.mlp = ChannelsFirstMlp(dim, hidden)
+            self.norm1 = PatchLayerNorm(dim)
+            self.attn = PatchAttention(dim, num_heads)
+            self.norm2 = PatchLayerNorm(dim)
+            self.mlp = Mlp(dim, hidden, act_layer=nn.SiLU, layout="nchw")
         else:
             self.norm1 = nn.LayerNorm(dim)
             self.attn = Attention(dim, num_heads, qkv_bias=True, layout="tokens")
@@ -139,31 +109,71 @@ class MobileViTBlock(nn.Module):
         self.conv_1x1 = nn.Conv2d(chs, dim, 1, bias=False)
         self.transformer = nn.Sequential(*[TransformerBlock(dim, num_heads, mlp_ratio, layout)
                                            for _ in range(depth)])
-        self.norm = ChannelsFirstLayerNorm(dim) if layout == "nchw" else nn.LayerNorm(dim)
+        self.norm = PatchLayerNorm(dim) if layout == "nchw" else nn.LayerNorm(dim)
         self.conv_proj = ConvNormAct(dim, chs, 1, act_layer=nn.SiLU)
         self.conv_fusion = ConvNormAct(2 * chs, chs, 3, act_layer=nn.SiLU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_1x1(self.conv_kxk(x))
         b, c, h, w = y.shape
+        nh, nw = h // PATCH, w // PATCH
         if self.layout == "nchw":
-            # One SpaceToDepth: (B, C, H, W) -> (B, C*P, H/2, W/2), channel c*P + p where p is the
-            # pixel's place in its 2x2 patch. A free view splits it to (B, C, P, 1, N); the one
-            # transpose the math needs moves p in front of c, making it a batch dim of attention.
-            y = F.pixel_unshuffle(y, PATCH).reshape(b, c, PATCH * PATCH, 1, -1).permute(0, 2, 3, 1, 4)
-            y = self.norm(self.transformer(y))                              # (B, P, 1, C, N)
-            y = y.permute(0, 3, 1, 2, 4).reshape(b, c * PATCH * PATCH, h // PATCH, w // PATCH)
-            y = F.pixel_shuffle(y, PATCH)                                   # DepthToSpace
+            # Unfold: the one permute the math needs moves the pixel-in-patch offset (ph, pw) into
+            # the batch, (B, C, nh, ph, nw, pw) -> (B*P, C, nh, nw); the reshapes around it are views.
+            y = y.reshape(b, c, nh, PATCH, nw, PATCH).permute(0, 3, 5, 1, 2, 4).reshape(-1, c, nh, nw)
+            # conv_proj is per pixel, so it runs before the fold, which then moves chs <= dim channels
+            y = self.conv_proj(self.norm(self.transformer(y)))              # (B*P, chs, nh, nw)
+            # Fold: (B, ph, pw, chs, nh, nw) -> (B, chs, nh, ph, nw, pw) -> (B, chs, H, W)
+            y = y.reshape(b, PATCH, PATCH, -1, nh, nw).permute(0, 3, 4, 1, 5, 2).reshape(b, -1, h, w)
         else:
-            nh, nw = h // PATCH, w // PATCH
             # The paper's unfold: (B, C, H, W) -> (B*C*nh, nw, ph, pw) -> (B, C, N, P) -> (B*P, N, C)
             y = y.reshape(b * c * nh, PATCH, nw, PATCH).transpose(1, 2)
             y = y.reshape(b, c, nh * nw, PATCH * PATCH).transpose(1, 3).reshape(b * PATCH * PATCH, nh * nw, c)
             y = self.norm(self.transformer(y))
             # and its inverse: (B*P, N, C) -> (B, C, N, P) -> (B*C*nh, ph, nw, pw) -> (B, C, H, W)
             y = y.reshape(b, PATCH * PATCH, nh * nw, c).transpose(1, 3).reshape(b * c * nh, nw, PATCH, PATCH)
-            y = y.transpose(1, 2).reshape(b, c, h, w)
-        return self.conv_fusion(torch.cat((x, self.conv_proj(y)), dim=1))
+            y = self.conv_proj(y.transpose(1, 2).reshape(b, c, h, w))
+        return self.conv_fusion(torch.cat((x, y), dim=1))
+
+    def fold(self) -> nn.Module:
+        return MobileViTBlockDeploy(self) if self.layout == "nchw" else self
+
+
+def _patch_scatter(w: torch.Tensor) -> torch.Tensor:
+    """`(O, I)` -> `(P*O, I, 2, 2)`: output channel p*O + o reads only patch pixel p with weight w[o]."""
+    onehot = torch.eye(PATCH * PATCH, dtype=w.dtype, device=w.device).reshape(-1, PATCH, PATCH)
+    return torch.einsum("oi,pjk->poijk", w, onehot).flatten(0, 1)
+
+
+class MobileViTBlockDeploy(nn.Module):
+    """The nchw MobileViTBlock with its unfold and fold done by convolutions.
+
+    conv_1x1 followed by the unfold is one stride-2 2x2 conv whose output channel p*D + d holds
+    conv_1x1's channel d at pixel p of each patch; p then moves to the batch by a view. The fold
+    followed by conv_proj is one stride-2 2x2 transposed conv with the same one-hot scatter. Each
+    costs 4x the MACs of its 1x1 conv (small next to attention) and replaces a 6-D reshape +
+    permute + reshape: the block's only data movement left is the two batch<->channel views.
+    """
+
+    def __init__(self, src: MobileViTBlock):
+        super().__init__()
+        self.conv_kxk, self.transformer, self.norm, self.conv_fusion = (
+            src.conv_kxk, src.transformer, src.norm, src.conv_fusion)
+        dim, chs = src.conv_1x1.weight.shape[:2]
+        self.unfold = nn.Conv2d(chs, PATCH * PATCH * dim, PATCH, PATCH, bias=False).to(src.conv_1x1.weight)
+        self.unfold.weight.copy_(_patch_scatter(src.conv_1x1.weight[:, :, 0, 0]))
+        proj = src.conv_proj.fold()  # Conv+BN fused; SiLU after
+        conv, self.act = (proj[0], proj[1]) if isinstance(proj, nn.Sequential) else (proj, nn.Identity())
+        self.fold_proj = nn.ConvTranspose2d(PATCH * PATCH * dim, chs, PATCH, PATCH).to(conv.weight)
+        self.fold_proj.weight.copy_(_patch_scatter(conv.weight[:, :, 0, 0].t()).reshape(-1, chs, PATCH, PATCH))
+        self.fold_proj.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.unfold(self.conv_kxk(x))                              # (B, P*D, H/2, W/2), p-major
+        b, pd, nh, nw = y.shape
+        y = self.norm(self.transformer(y.reshape(b * PATCH * PATCH, -1, nh, nw)))  # (B*P, D, nh, nw)
+        y = self.act(self.fold_proj(y.reshape(b, pd, nh, nw)))         # (B, chs, H, W)
+        return self.conv_fusion(torch.cat((x, y), dim=1))
 
 
 class ClassifierHead(nn.Module):

@@ -3,16 +3,19 @@
 Method: forward hooks keep a stack of the modules being executed; a `TorchDispatchMode` sees
 every aten op after autograd/composite decomposition and files it under the innermost module.
 An op's time runs from the end of the previous op to the end of its own kernel, so the Python,
-module-call and dispatcher work that leads to an op (which eager users pay) is charged to it;
-the timer's own cost per op (dispatch-mode entry, bookkeeping, hooks), calibrated on a chain
-of one-op modules, is subtracted. The op sequence of eager inference is deterministic, so op i
-of every repeat is the same op; its median is taken over repeats. The whole-model latency is
-measured in separate runs without timer or hooks, alternating with the timed runs. With one
-thread every time is thread CPU time (immune to other processes' load), otherwise wall time.
+module-call and dispatcher work that leads to an op (which eager users pay) is charged to it.
+What the instrument itself adds in that span is subtracted: its cost per op (dispatch-mode
+entry, bookkeeping) and per hook call (module stack push/pop, counted for each op), both
+calibrated on synthetic chains of one-op modules. The op sequence of eager inference is
+deterministic, so op i of every repeat is the same op; its median is taken over repeats. The
+whole-model latency is measured in separate runs without timer or hooks, alternating with the
+timed runs. With one thread every time is thread CPU time (immune to other processes' load),
+otherwise wall time.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,7 +25,7 @@ from mobilehv.profile.attribution import Scope
 from mobilehv.profile.records import OpRecord, RunResult
 
 METHOD = ("torch eager: aten ops timed in a TorchDispatchMode (glue before an op included, "
-          "timer cost subtracted), module stack from forward hooks")
+          "calibrated timer and hook costs subtracted), module stack from forward hooks")
 
 
 def _qualname(module: nn.Module) -> str:
@@ -37,26 +40,56 @@ def _shape(out) -> str:
     return ""
 
 
+@dataclass
+class _ModuleStack:
+    """Module chains being executed (root first) and how many hooks ran so far."""
+
+    chains: list = field(default_factory=lambda: [()])
+    hook_calls: int = 0
+
+
 class _OpTimer(TorchDispatchMode):
-    def __init__(self, stack: list[tuple[Scope, ...]], clock=time.perf_counter_ns):
+    def __init__(self, stack: _ModuleStack, clock=time.perf_counter_ns):
         super().__init__()
         self.stack = stack
         self.clock = clock
-        self.events: list[tuple[str, tuple[Scope, ...], str, float]] = []
+        # (op, module chain, output shape, time since the previous op in us, hooks in between)
+        self.events: list[tuple[str, tuple[Scope, ...], str, float, int]] = []
+        self.hooks_seen = stack.hook_calls
         self.last = clock()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         end = self.clock()
-        self.events.append((func.overloadpacket.__name__, self.stack[-1], _shape(out),
-                            (end - self.last) / 1e3))
+        hooks = self.stack.hook_calls - self.hooks_seen
+        self.events.append((func.overloadpacket.__name__, self.stack.chains[-1], _shape(out),
+                            (end - self.last) / 1e3, hooks))
+        self.hooks_seen = self.stack.hook_calls
         self.last = self.clock()
         return out
 
 
+def _install_hooks(model: nn.Module, stack: _ModuleStack) -> list:
+    handles = []
+    for path, module in model.named_modules():
+        scope = Scope(path, _qualname(module))
+
+        def push(mod, args, scope=scope):
+            stack.chains.append(stack.chains[-1] + (scope,))
+            stack.hook_calls += 1
+
+        def pop(mod, args, out):
+            stack.chains.pop()
+            stack.hook_calls += 1
+
+        handles.append(module.register_forward_pre_hook(push))
+        handles.append(module.register_forward_hook(pop))
+    return handles
+
+
 class _OneOp(nn.Module):
     """A module running exactly one aten op of a common kind (conv, matmul, norm, pointwise,
-    data movement), on a tensor small enough that the timer's cost dominates."""
+    data movement), on a tensor small enough that the instrument's cost dominates."""
 
     def __init__(self, kind: int):
         super().__init__()
@@ -77,42 +110,49 @@ class _OneOp(nn.Module):
         return x + 1.0
 
 
-def timer_cost_us(clock=time.perf_counter_ns, n: int = 240, trials: int = 15) -> float:
-    """What the timer adds per op (hooks, mode entry, bookkeeping): the fastest run of a chain
-    of `n` one-op modules with it, minus the fastest without it, over `n`."""
+class _Flat(nn.Module):
+    """The same ops as a chain of `_OneOp`s, run inside one module (no hooks between ops)."""
+
+    def __init__(self, chain: nn.Sequential):
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for op in self.chain:
+            x = op.forward(x)
+        return x
+
+
+def instrument_cost_us(clock=time.perf_counter_ns, n: int = 240, trials: int = 15) -> tuple[float, float]:
+    """(cost per op, cost per hook call) of the instrument, in us, from the fastest of `trials`
+    runs of `n` ops: the op cost from the ops run inside one module (no hooks), timed minus
+    plain; the hook cost from one module per op (two hook calls per op), timed minus plain,
+    less the op cost."""
     chain = nn.Sequential(*[_OneOp(i % 6) for i in range(n)])
+    flat = _Flat(chain)
     x = torch.zeros(1, 8, 4, 4)
-    stack: list[tuple[Scope, ...]] = [()]
-    plain, timed = [], []
+    best = dict.fromkeys(("flat", "flat_timed", "chain", "chain_timed"), float("inf"))
+
+    def clocked(key: str, fn) -> None:
+        start = clock()
+        fn()
+        best[key] = min(best[key], clock() - start)
+
     with torch.inference_mode():
         for _ in range(trials):
-            start = clock()
-            chain(x)
-            plain.append(clock() - start)
-            handles = _install_hooks(chain, stack)
-            start = clock()
+            stack = _ModuleStack()
+            clocked("flat", lambda: flat(x))
             with _OpTimer(stack, clock):
-                chain(x)
-            timed.append(clock() - start)
+                clocked("flat_timed", lambda: flat(x))
+            clocked("chain", lambda: chain(x))
+            handles = _install_hooks(chain, stack)
+            with _OpTimer(stack, clock):
+                clocked("chain_timed", lambda: chain(x))
             for h in handles:
                 h.remove()
-    return max(0.0, (min(timed) - min(plain)) / n / 1e3)
-
-
-def _install_hooks(model: nn.Module, stack: list[tuple[Scope, ...]]) -> list:
-    handles = []
-    for path, module in model.named_modules():
-        scope = Scope(path, _qualname(module))
-
-        def push(mod, args, scope=scope):
-            stack.append(stack[-1] + (scope,))
-
-        def pop(mod, args, out):
-            stack.pop()
-
-        handles.append(module.register_forward_pre_hook(push))
-        handles.append(module.register_forward_hook(pop))
-    return handles
+    per_op = max(0.0, (best["flat_timed"] - best["flat"]) / n / 1e3)
+    per_hook = max(0.0, ((best["chain_timed"] - best["chain"]) / n / 1e3 - per_op) / 2)
+    return per_op, per_hook
 
 
 def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: int = 1,
@@ -123,11 +163,10 @@ def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: i
     torch.set_num_threads(threads)
     # one thread: thread CPU time, which other processes' load does not inflate; else wall time
     clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-    cost = timer_cost_us(clock)
     e2e: list[float] = []
     runs = []
-    stack: list[tuple[Scope, ...]] = [()]
     try:
+        per_op, per_hook = instrument_cost_us(clock)
         with torch.inference_mode():
             # Plain and timed runs alternate, so both see the same machine state (caches,
             # frequency, other load); warm-up runs of both kinds are dropped.
@@ -135,6 +174,7 @@ def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: i
                 start = clock()
                 model(x)
                 elapsed = (clock() - start) / 1e6
+                stack = _ModuleStack()
                 handles = _install_hooks(model, stack)
                 try:
                     with _OpTimer(stack, clock) as timer:
@@ -151,8 +191,8 @@ def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: i
     if any(len(r) != len(first) for r in runs):
         raise RuntimeError(f"{name}: the eager op sequence changed between repeats")
     ops = [OpRecord(op_name=f"{op}_{i}", op_type=op, scopes=scopes, output_shape=shape,
-                    samples_us=[max(0.0, r[i][3] - cost) for r in runs])
-           for i, (op, scopes, shape, _) in enumerate(first)]
+                    samples_us=[max(0.0, r[i][3] - per_op - r[i][4] * per_hook) for r in runs])
+           for i, (op, scopes, shape, _, _) in enumerate(first)]
     return RunResult(name, "torch", layout, resolution, ops, e2e, METHOD,
-                     extra={"timer_cost_us": round(cost, 3),
+                     extra={"timer_cost_us": round(per_op, 3), "hook_cost_us": round(per_hook, 3),
                             "clock": "thread_cpu" if threads == 1 else "wall"})
