@@ -166,7 +166,7 @@ def count_macs(model: nn.Module, resolution: int, batch: int = 1) -> int:
 
     x = torch.zeros(batch, 3, resolution, resolution, device=next(model.parameters()).device)
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter:  # not under no_grad: the counter fails on views of parameters made there
         model(x)
     return counter.get_total_flops() // 2
 

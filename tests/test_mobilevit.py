@@ -8,7 +8,7 @@ import torch
 
 import mobilehv
 from mobilehv.graph import data_movement_count, export_graph_ops
-from mobilehv.models.mobilevit import CONFIGS, MobileViTBlockDeploy
+from mobilehv.models.mobilevit import CONFIGS, MobileViTBlockDeploy, PatchLayerNorm
 from mobilehv.registry import ResolutionError
 from conftest import refweights, rel_err
 
@@ -19,30 +19,30 @@ def _deploy_ops(name: str, layout: str, resolution: int = 64):
 
 @pytest.mark.parametrize("name", ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
 def test_nchw_moves_less_data_than_tokens(name):
-    """What `mobilehv info` reports (measured: 63 vs 87 for every variant)."""
+    """What `mobilehv info` reports (measured: 69 vs 87 for every variant)."""
     nchw = data_movement_count(_deploy_ops(name, "nchw"))
     tokens = data_movement_count(_deploy_ops(name, "tokens"))
-    assert nchw <= 0.75 * tokens, (nchw, tokens)
+    assert nchw <= 0.8 * tokens, (nchw, tokens)
 
 
 def test_nchw_data_movement_is_what_the_math_needs():
-    """Per MobileViT block: unfold and fold are convolutions, leaving two batch<->channel views
-    and the fusion concat; per attention: the head split (view + chunk), the transposes of the
-    small q, v and output matrices (never of the N x N scores) and the view merging heads."""
+    """Per MobileViT block: the unfold is a convolution plus one batch<->channel view, the fold
+    a view + permute + view, and the fusion concat; per attention: the head split (view +
+    chunk), the transposes of the small q, v and output matrices (never of the N x N scores)
+    and the view merging heads."""
     ops = _deploy_ops("mobilevit_xs", "nchw")
     blocks = sum(1 for s in CONFIGS["xs"].stages if s.transformer_dim)
     attentions = sum(s.transformer_depth for s in CONFIGS["xs"].stages)
-    assert ops["conv2d"] > 0 and ops["convtranspose2d"] == ops["cat"] == blocks
-    assert "permute" not in ops and "pixelunshuffle" not in ops
-    assert ops["reshape"] == 2 * blocks + 2 * attentions
+    assert ops["permute"] == ops["cat"] == blocks and "pixelunshuffle" not in ops
+    assert ops["reshape"] == 3 * blocks + 2 * attentions
     assert ops["chunk"] == attentions and ops["transpose"] == 3 * attentions
-    assert data_movement_count(ops) == 3 * blocks + 6 * attentions
+    assert data_movement_count(ops) == 5 * blocks + 6 * attentions
     assert ops["layernorm"] == 0 and ops["linear"] == 1  # channels-last LayerNorm/Linear: only the classifier
 
 
-def test_deploy_block_convs_replace_unfold_and_fold():
-    """The fused 2x2 stride-2 (transposed) convs equal conv_1x1 + unfold and fold + conv_proj,
-    on an input whose BN statistics are not trivial (batch 2, non-square)."""
+def test_deploy_block_equals_the_trained_block():
+    """The fused 2x2 stride-2 conv equals conv_1x1 + unfold, and the norms' affines absorbed into
+    the following 1x1 convs change nothing (non-trivial BN statistics, batch 2, non-square)."""
     model = mobilehv.create_model("mobilevit_xxs")
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -50,6 +50,7 @@ def test_deploy_block_convs_replace_unfold_and_fold():
             m.running_var.uniform_(0.5, 1.5)
     deploy = mobilehv.fold(model)
     assert sum(isinstance(m, MobileViTBlockDeploy) for m in deploy.modules()) == 3
+    assert not any(isinstance(m, PatchLayerNorm) and m.elementwise_affine for m in deploy.modules())
     x = torch.randn(2, 3, 64, 128)
     with torch.no_grad():
         assert rel_err(deploy(x), model.eval()(x)) <= 1e-5

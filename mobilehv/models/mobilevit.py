@@ -12,6 +12,8 @@ The unfold/fold is where the layouts differ (see `MobileViTBlock`):
 * `nchw` (deploy): one permute each way makes the pixel-in-patch offset a batch dim, so the
   transformer runs on ordinary `(B*P, C, h, w)` maps (1x1 convs, norms over dim 1, heads split
   along channels); only attention's matmuls see `(d, N)` matrices (see `PatchAttention`).
+  `fold` turns conv_1x1 + unfold into one stride-2 2x2 conv (`MobileViTBlockDeploy`) and moves
+  the norms' affines into the 1x1 convs after them.
 """
 from __future__ import annotations
 
@@ -46,7 +48,17 @@ class PatchLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - x.mean(dim=1, keepdim=True)
         x = centred * torch.rsqrt((centred * centred).mean(dim=1, keepdim=True) + self.eps)
+        if not self.elementwise_affine:  # deploy form: the affine was absorbed into the next 1x1 conv
+            return x
         return x * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def _absorb_affine(norm: PatchLayerNorm, conv: nn.Conv2d) -> PatchLayerNorm:
+    """conv(norm(x)) with the norm's per-channel affine moved into the 1x1 conv that follows it."""
+    conv.bias.add_(conv.weight[:, :, 0, 0] @ norm.bias)
+    conv.weight.mul_(norm.weight.reshape(1, -1, 1, 1))
+    return PatchLayerNorm(norm.normalized_shape, norm.eps, elementwise_affine=False)
 
 
 class PatchAttention(nn.Module):
@@ -98,6 +110,14 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+    def fold(self) -> nn.Module:
+        """nchw: each norm's affine goes into the 1x1 conv after it (qkv, fc1): two multiply-adds
+        per norm fewer on the full map, as Conv-BN folding does for convs."""
+        if isinstance(self.norm1, PatchLayerNorm) and self.norm1.elementwise_affine:
+            self.norm1 = _absorb_affine(self.norm1, self.attn.qkv)
+            self.norm2 = _absorb_affine(self.norm2, self.mlp.fc1)
+        return self
+
 
 class MobileViTBlock(nn.Module):
     """Local conv -> unfold -> transformer -> fold -> 1x1 projection -> fusion with the input."""
@@ -146,33 +166,32 @@ def _patch_scatter(w: torch.Tensor) -> torch.Tensor:
 
 
 class MobileViTBlockDeploy(nn.Module):
-    """The nchw MobileViTBlock with its unfold and fold done by convolutions.
+    """The nchw MobileViTBlock with conv_1x1 and the unfold done by one convolution.
 
     conv_1x1 followed by the unfold is one stride-2 2x2 conv whose output channel p*D + d holds
-    conv_1x1's channel d at pixel p of each patch; p then moves to the batch by a view. The fold
-    followed by conv_proj is one stride-2 2x2 transposed conv with the same one-hot scatter. Each
-    costs 4x the MACs of its 1x1 conv (small next to attention) and replaces a 6-D reshape +
-    permute + reshape: the block's only data movement left is the two batch<->channel views.
+    conv_1x1's channel d at pixel p of each patch; p then moves to the batch by a view. It costs
+    4x the MACs of conv_1x1 (small next to attention) and replaces a 6-D reshape + permute +
+    reshape. The final norm's affine goes into conv_proj. (The fold stays a permute: the mirror
+    transposed conv is slower than it in LiteRT.)
     """
 
     def __init__(self, src: MobileViTBlock):
         super().__init__()
-        self.conv_kxk, self.transformer, self.norm, self.conv_fusion = (
-            src.conv_kxk, src.transformer, src.norm, src.conv_fusion)
+        self.conv_kxk, self.transformer, self.conv_fusion = src.conv_kxk, src.transformer, src.conv_fusion
         dim, chs = src.conv_1x1.weight.shape[:2]
         self.unfold = nn.Conv2d(chs, PATCH * PATCH * dim, PATCH, PATCH, bias=False).to(src.conv_1x1.weight)
         self.unfold.weight.copy_(_patch_scatter(src.conv_1x1.weight[:, :, 0, 0]))
-        proj = src.conv_proj.fold()  # Conv+BN fused; SiLU after
-        conv, self.act = (proj[0], proj[1]) if isinstance(proj, nn.Sequential) else (proj, nn.Identity())
-        self.fold_proj = nn.ConvTranspose2d(PATCH * PATCH * dim, chs, PATCH, PATCH).to(conv.weight)
-        self.fold_proj.weight.copy_(_patch_scatter(conv.weight[:, :, 0, 0].t()).reshape(-1, chs, PATCH, PATCH))
-        self.fold_proj.bias.copy_(conv.bias)
+        self.conv_proj = src.conv_proj.fold()  # Conv+BN fused (+ SiLU)
+        conv = self.conv_proj[0] if isinstance(self.conv_proj, nn.Sequential) else self.conv_proj
+        self.norm = _absorb_affine(src.norm, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.unfold(self.conv_kxk(x))                              # (B, P*D, H/2, W/2), p-major
-        b, pd, nh, nw = y.shape
-        y = self.norm(self.transformer(y.reshape(b * PATCH * PATCH, -1, nh, nw)))  # (B*P, D, nh, nw)
-        y = self.act(self.fold_proj(y.reshape(b, pd, nh, nw)))         # (B, chs, H, W)
+        y = self.unfold(self.conv_kxk(x))                              # (B, P*D, nh, nw), p-major
+        b, _, nh, nw = y.shape
+        y = self.transformer(y.reshape(b * PATCH * PATCH, -1, nh, nw))   # (B*P, D, nh, nw): a view
+        y = self.conv_proj(self.norm(y))                               # (B*P, chs, nh, nw)
+        # Fold: (B, ph, pw, chs, nh, nw) -> (B, chs, nh, ph, nw, pw) -> (B, chs, H, W)
+        y = y.reshape(b, PATCH, PATCH, -1, nh, nw).permute(0, 3, 4, 1, 5, 2).reshape(b, -1, nh * PATCH, nw * PATCH)
         return self.conv_fusion(torch.cat((x, y), dim=1))
 
 
