@@ -115,6 +115,7 @@ def export_cmd(
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the parity check against PyTorch"),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Core ML class names, one per line (default: ImageNet-1k)"),
     no_labels: bool = typer.Option(False, "--no-labels", help="Core ML outputs raw logits, no class labels"),
+    deployment_target: str = typer.Option("iOS16", "--deployment-target", help="Core ML minimum deployment target (iOS16, iOS17, macOS13, ...)"),
     all_models: bool = typer.Option(False, "--all", help="export every registered model"),
     cache: bool = typer.Option(False, "--cache", help="reuse artifacts whose sidecar has the same model, options, weights and versions"),
 ) -> None:
@@ -138,7 +139,7 @@ def export_cmd(
     targets = list(TARGETS) if target is Target.all else [target.value]
     options = dict(resolution=resolution, batch=batch, layout=layout.value if layout else None,
                    weights=weights, precision=precision.value if precision else None,
-                   labels=False if no_labels else labels)
+                   labels=False if no_labels else labels, deployment_target=deployment_target)
     bad_input = (ExportError, ResolutionError, UnknownModelError, CheckpointError)
     jobs = [(n, t) for n in names for t in targets]
     try:  # every job's options are checked before the first artifact is written
@@ -207,12 +208,12 @@ class Device(str, Enum):
 def profile_cmd(
     names: Optional[list[str]] = typer.Argument(None, help="registered model names (default: the EfficientFormer study set)"),
     device: Device = typer.Option(Device.cpu, help="where to run (cpu)"),
-    runtime: Optional[Runtime] = typer.Option(None, help="default onnxruntime; with --artifact, the artifact's runtime"),
+    runtime: Optional[list[Runtime]] = typer.Option(None, help="repeatable; default onnxruntime and tflite; with --artifact, the artifact's runtime"),
     threads: int = typer.Option(1, help="intra-op threads of every runtime"),
     warmup: int = typer.Option(5, help="untimed runs before timing"),
     repeats: int = typer.Option(20, help="timed runs; per-op and e2e figures are medians over them"),
     resolution: Optional[int] = typer.Option(None, help="input height = width (default: the model's)"),
-    layout: ProfileLayout = typer.Option(ProfileLayout.nchw, help="nchw, tokens, or both side by side"),
+    layout: ProfileLayout = typer.Option(ProfileLayout.both, help="nchw, tokens, or both side by side (an artifact has its own)"),
     artifact: Optional[Path] = typer.Option(None, help="profile this .onnx / .tflite / .mlpackage instead of a model"),
     out: Path = typer.Option(Path("latency_tables"), help="tables go to OUT/<machine>/"),
     export_dir: Path = typer.Option(Path("export"), "--export-dir", help="where artifacts are exported to and reused from"),
@@ -234,7 +235,7 @@ def profile_cmd(
 
         try:
             with quiet_native_output():
-                result = profile(names, runtime=runtime.value if runtime else None, device=device.value,
+                result = profile(names, runtime=[r.value for r in runtime] if runtime else None, device=device.value,
                                  threads=threads, warmup=warmup, repeats=repeats, resolution=resolution,
                                  layout=layout.value, artifact=artifact, out=out, export_dir=export_dir,
                                  progress=step)

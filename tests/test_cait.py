@@ -1,5 +1,5 @@
-"""CaiT specifics: LayerScale absorbed by fold, the timm `gamma_*` keys, fixed input sizes,
-and the nchw deploy form's smaller data-movement count. (Fixture logits, parameter counts and
+"""CaiT specifics: LayerScale absorbed by fold, the timm `gamma_*` keys, fixed input sizes.
+(Fixture logits, parameter counts and
 per-variant fold/layout equivalence are in test_zoo.py.)"""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import mobilehv
-from mobilehv.graph import data_movement_count, export_graph_ops
 from mobilehv.models.cait import LayerScale
 from conftest import refweights, rel_err
 
@@ -56,7 +55,3 @@ def test_other_size_is_refused(name, size):
         model(torch.zeros(1, 3, size, size))
 
 
-def test_nchw_has_fewer_data_movement_ops():
-    counts = {layout: data_movement_count(export_graph_ops(
-        mobilehv.fold(mobilehv.create_model("cait_xxs24", layout=layout)), 224)) for layout in ("nchw", "tokens")}
-    assert counts["nchw"] < counts["tokens"], counts

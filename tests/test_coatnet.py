@@ -1,6 +1,6 @@
-"""CoAtNet specifics: the relative-bias indexing, weights crossing layouts, the fixed input size,
-a wrong-variant checkpoint, and the nchw deploy form's smaller data-movement count. (Fixture
-logits, parameter counts and per-variant fold/layout equivalence are in test_zoo.py.)"""
+"""CoAtNet specifics: the relative-bias indexing, weights crossing layouts, the fixed input size
+and a wrong-variant checkpoint. (Fixture logits, parameter counts and per-variant fold/layout
+equivalence are in test_zoo.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import mobilehv
-from mobilehv.graph import data_movement_count, export_graph_ops
 from mobilehv.models.coatnet import RelPosBias
 from conftest import refweights, rel_err
 
@@ -56,7 +55,3 @@ def test_wrong_variant_checkpoint_is_named():
         mobilehv.create_model("coatnet_1", pretrained=refweights.make_state_dict("coatnet_0_224"))
 
 
-def test_nchw_has_fewer_data_movement_ops():
-    counts = {layout: data_movement_count(export_graph_ops(
-        mobilehv.fold(mobilehv.create_model("coatnet_0", layout=layout)), 224)) for layout in ("nchw", "tokens")}
-    assert counts["nchw"] < counts["tokens"], counts

@@ -1,5 +1,5 @@
-"""CvT specifics: official key detection, the cvt_w24 parameter count, any input size from 3 px,
-and data movement per layout. (Fixture logits, parameter counts and per-variant fold/layout
+"""CvT specifics: official key detection, the cvt_w24 parameter count, any input size from 3 px.
+(Fixture logits, parameter counts and per-variant fold/layout
 equivalence are in test_zoo.py.)"""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import mobilehv
-from mobilehv.graph import data_movement_count, export_graph_ops
 from conftest import refweights, rel_err
 
 
@@ -38,7 +37,3 @@ def test_any_size_from_3px_and_refused_below():
         nchw(torch.zeros(1, 3, 2, 2))
 
 
-def test_nchw_has_fewer_data_movement_ops():
-    counts = {layout: data_movement_count(export_graph_ops(
-        mobilehv.fold(mobilehv.create_model("cvt_13", layout=layout)), 64)) for layout in ("nchw", "tokens")}
-    assert counts["nchw"] < counts["tokens"], counts

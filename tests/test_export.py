@@ -159,6 +159,13 @@ def informative_model(name: str, resolution: int) -> torch.nn.Module:
         model.train()(torch.randn(4, 3, resolution, resolution, generator=g))
         for bn in norms:  # a channel that barely varies on 4 images must not be amplified 100x
             bn.running_var.clamp_(min=1e-2)
+        for name, bn in model.named_modules():
+            # Attention projections ending in a BatchNorm (LeViT) are tempered: with random weights
+            # their scores reach ~1e3, softmax turns chaotic and fp32 differs from fp64 by 0.4 on
+            # the parity image, so parity would measure rounding noise, not the export.
+            if name.endswith(("qkv.bn", ".q.bn", ".kv.bn")):
+                bn.weight.mul_(0.3)
+                bn.bias.mul_(0.3)
     return model.eval()
 
 
@@ -325,6 +332,7 @@ def _bad_cli(tmp_path, *extra, name=NAME):
     (("--resolution", "50"), "cannot take a 50x50 input"),
     (("--weights", "nope.pth"), "does not exist"),
     (("--labels", "a.txt", "--no-labels"), "exclude each other"),
+    (("--target", "coreml", "--deployment-target", "iOS9"), "unknown Core ML deployment target"),
 ])
 def test_cli_bad_options_one_line(tmp_path, extra, match):
     result = _bad_cli(tmp_path, *extra)

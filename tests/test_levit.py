@@ -1,4 +1,4 @@
-"""LeViT specifics: timm-checkpoint logits, the fixed input size, and data movement per layout.
+"""LeViT specifics: timm-checkpoint logits and the fixed input size.
 (Parameter counts and per-variant fold/layout equivalence are in test_zoo.py.)
 
 The levit_128 fixture is ill-conditioned: its calibrated statistics let attention scores
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import mobilehv
-from mobilehv.graph import data_movement_count, export_graph_ops
 from conftest import refweights, rel_err
 
 
@@ -84,7 +83,3 @@ def test_other_size_is_refused():
         model(torch.zeros(1, 3, 256, 256))
 
 
-def test_nchw_has_fewer_data_movement_ops():
-    counts = {layout: data_movement_count(export_graph_ops(
-        mobilehv.fold(mobilehv.create_model("levit_128", layout=layout)), 224)) for layout in ("nchw", "tokens")}
-    assert counts["nchw"] < counts["tokens"], counts

@@ -1,13 +1,12 @@
 """ViT_C specifics: the mobilehv key layout (a checkpoint saved from one layout loads into the
-other and gives the same logits, before and after fold), the fixed input size, and data movement
-per layout. No public checkpoint exists, so no fixture; parameter counts are in test_zoo.py."""
+other and gives the same logits, before and after fold), and the fixed input size. No public checkpoint exists, so no
+fixture; parameter counts are in test_zoo.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import mobilehv
-from mobilehv.graph import data_movement_count, export_graph_ops
 from conftest import rel_err
 
 # paper: 4.57M / 17.75M / 81.57M / 167.80M; ours, exactly:
@@ -50,7 +49,3 @@ def test_other_size_is_refused():
         model(torch.zeros(1, 3, 192, 192))
 
 
-def test_nchw_has_fewer_data_movement_ops():
-    counts = {layout: data_movement_count(export_graph_ops(
-        mobilehv.fold(mobilehv.create_model("vit_c_1gf", layout=layout)), 224)) for layout in ("nchw", "tokens")}
-    assert counts["nchw"] < counts["tokens"], counts

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import mobilehv
+from mobilehv.graph import data_movement_count, export_graph_ops
 from mobilehv.registry import get_spec
 from conftest import REFERENCE, refweights, rel_err
 
@@ -139,3 +140,21 @@ def test_fold_and_layouts_agree(name):
             other = mobilehv.create_model(name, layout=layout, pretrained=model.state_dict())
             assert rel_err(other(x), ref) <= TOL
             assert rel_err(mobilehv.fold(other)(x), ref) <= TOL
+
+
+def _smallest_two_layout_variants() -> list[str]:
+    by_family: dict[str, str] = {}
+    for name in sorted(mobilehv.list_models(), key=lambda n: mobilehv.model_info(n)["params"]):
+        spec = get_spec(name)
+        if len(spec.family.layouts) > 1:
+            by_family.setdefault(spec.family.name, name)
+    return sorted(by_family.values())
+
+
+@pytest.mark.parametrize("name", _smallest_two_layout_variants())
+def test_nchw_moves_less_data_than_tokens(name):
+    """The deploy form's point: fewer reshape/transpose/concat/... ops in the exported graph."""
+    r = _small_resolution(name)
+    counts = {layout: data_movement_count(export_graph_ops(
+        mobilehv.fold(mobilehv.create_model(name, layout=layout)), r)) for layout in ("nchw", "tokens")}
+    assert counts["nchw"] < counts["tokens"], counts

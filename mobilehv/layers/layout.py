@@ -32,7 +32,8 @@ class LayerNorm2d(nn.Module):
         centred = x - mean
         var = (centred * centred).mean(dim=1, keepdim=True)
         x = centred * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        # (1, C, 1, 1), not (C, 1, 1): a 3-D operand makes litert's NHWC pass wrap the op in transposes
+        return x * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
 
 
 class Affine(nn.Module):
@@ -45,7 +46,7 @@ class Affine(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (x.dim() - 2)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # full rank: see LayerNorm2d
         return x * self.weight.reshape(shape) + self.bias.reshape(shape)
 
 

@@ -21,6 +21,7 @@ DEVICES = ("cpu",)
 # The EfficientFormer latency study set (issue 6); models not registered yet are skipped.
 DEFAULT_MODELS = ("mobilenetv2_140", "efficientnet_b0", "deit_small", "levit_256", "poolformer_s24",
                   "efficientformer_l1", "mobilevit_xs", "mobile_former_294m")
+DEFAULT_RUNTIMES = ("onnxruntime", "tflite")  # the study's: a server/desktop and a phone runtime
 _TARGET = {"onnxruntime": "onnx", "tflite": "tflite", "coreml": "coreml"}
 _SUFFIX = {".onnx": "onnxruntime", ".tflite": "tflite", ".mlpackage": "coreml", ".mlmodel": "coreml"}
 _PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "tflite": ("ai_edge_litert", "flatbuffers"),
@@ -95,8 +96,6 @@ def _artifact_job(artifact: Path, runtime: str | None, layout: str, resolution: 
     if runtime not in (None, "all", kind):
         raise ProfileError(f"artifact {artifact.name} is a {artifact.suffix} file, which runs on "
                            f"{kind}, not {runtime}")
-    if layout == "both":
-        raise ProfileError("--layout both needs model names; an artifact has one layout")
     sidecar = artifact.with_name(artifact.name + ".json")
     info = {}
     if sidecar.is_file():
@@ -169,11 +168,12 @@ def _run_job(job: _Job, *, threads: int, warmup: int, repeats: int, export_dir: 
 
 def profile(names: str | Iterable[str] | None = None, *, runtime: str | Iterable[str] | None = None,
             device: str = "cpu", threads: int = 1, warmup: int = 5, repeats: int = 20,
-            resolution: int | None = None, layout: str = "nchw", artifact: str | Path | None = None,
+            resolution: int | None = None, layout: str = "both", artifact: str | Path | None = None,
             out: str | Path | None = "latency_tables", export_dir: str | Path = "export",
             progress: Callable[[int, int, str], None] | None = None) -> ProfileResult:
     """Profile registered models (or one exported `artifact`) on `runtime` ("onnxruntime",
-    "tflite", "torch", "coreml", "all"); `layout="both"` profiles every layout the family has.
+    "tflite", "torch", "coreml", "all"; default onnxruntime and tflite); `layout="both"` (the
+    default) profiles every layout the family has. Without names: the study set DEFAULT_MODELS.
 
     Artifacts are exported to (and reused from) `export_dir`. Tables and the figure go to
     `out/<machine>/` (nothing is written when `out` is None). Bad input raises ProfileError
@@ -197,9 +197,9 @@ def profile(names: str | Iterable[str] | None = None, *, runtime: str | Iterable
             raise ProfileError("give model names or --artifact, not both")
         rt = getattr(runtime, "value", runtime)
         jobs = [_artifact_job(Path(artifact), rt if isinstance(rt, str) or rt is None else None,
-                              layout, resolution)]
+                              "nchw" if layout == "both" else layout, resolution)]
     else:
-        jobs = _model_jobs(names, _runtimes(runtime or "onnxruntime"), layout, resolution)
+        jobs = _model_jobs(names, _runtimes(runtime or DEFAULT_RUNTIMES), layout, resolution)
     for rt in dict.fromkeys(j.runtime for j in jobs):
         _check_installed(rt, exporting=artifact is None)
 
@@ -249,4 +249,4 @@ def write_tables(result: ProfileResult, out: Path) -> list[Path]:
     return writer.commit()
 
 
-__all__ = ["DEFAULT_MODELS", "RUNTIMES", "ProfileError", "ProfileResult", "profile", "write_tables"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_RUNTIMES", "RUNTIMES", "ProfileError", "ProfileResult", "profile", "write_tables"]
