@@ -1,6 +1,6 @@
 """ViT_C specifics: the mobilehv key layout (a checkpoint saved from one layout loads into the
-other and gives the same logits, before and after fold), and the fixed input size. No public checkpoint exists, so no
-fixture; parameter counts are in test_zoo.py."""
+other and gives the same logits, before and after fold) and the fixed input size. No public
+checkpoint exists, so no fixture; parameter counts are in test_zoo.py."""
 from __future__ import annotations
 
 import pytest
