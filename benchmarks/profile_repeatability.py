@@ -1,9 +1,12 @@
-"""Repeatability of the latency breakdown: profile the same model twice, print the spread.
+"""Repeatability and accuracy of the latency breakdown: profile the same model twice, print
+the spread of category shares and how the sum of per-op times compares with the separately
+measured whole-model latency.
 
-    python benchmarks/profile_repeatability.py mobilevit_xxs --runtime onnxruntime
+    python benchmarks/profile_repeatability.py mobilevit_xxs levit_128 --runtime torch
 
-The spread is, per category, |share in run 1 - share in run 2| in percentage points; the
-issue's bar is <= 2 pp for every category. Nothing is written to latency_tables/.
+The spread is, per category, |share in run 1 - share in run 2| in percentage points (bar:
+<= 2 pp for every category); "ops vs e2e" is 100 * (sum of ops / e2e - 1) of each run (bar:
+within +-10% for onnxruntime and torch). Nothing is written to latency_tables/.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def main() -> None:
         spread = share_spread(a, b)
         worst = spread.idxmax()
         print(f"{' '.join(key):45s} e2e {a['e2e_median_ms'].iloc[0]:8.2f} / {b['e2e_median_ms'].iloc[0]:8.2f} ms"
+              f"   ops vs e2e {a['ops_vs_e2e_pct'].iloc[0]:+6.1f}% / {b['ops_vs_e2e_pct'].iloc[0]:+6.1f}%"
               f"   max share spread {spread.max():4.2f} pp ({worst})")
         print("    " + "  ".join(f"{c} {v:.2f}" for c, v in spread.items() if v > 0))
 

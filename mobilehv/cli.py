@@ -48,7 +48,7 @@ def list_cmd(pattern: str = typer.Argument("*", help="glob over model names, e.g
     table = Table(title=f"mobilehv models ({len(infos)})")
     for col, justify in (("name", "left"), ("family", "left"), ("params (M)", "right"),
                          ("GMACs", "right"), ("resolution", "right"), ("layouts", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col == "name")
     for i in infos:
         table.add_row(i["name"], i["family"], f"{i['params'] / 1e6:.2f}", f"{i['macs'] / 1e9:.2f}",
                       str(i["resolution"]), ",".join(i["layouts"]))

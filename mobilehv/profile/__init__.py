@@ -195,8 +195,12 @@ def profile(names: str | Iterable[str] | None = None, *, runtime: str | Iterable
     if artifact is not None:
         if names:
             raise ProfileError("give model names or --artifact, not both")
-        rt = getattr(runtime, "value", runtime)
-        jobs = [_artifact_job(Path(artifact), rt if isinstance(rt, str) or rt is None else None,
+        asked = [] if runtime is None else [runtime] if isinstance(runtime, str) else list(runtime)
+        # "all" with an artifact means: whichever runtime runs it
+        runtimes = _runtimes([r for r in asked if getattr(r, "value", r) != "all"]) if asked else []
+        if len(runtimes) > 1:
+            raise ProfileError(f"an artifact runs on one runtime; got {', '.join(runtimes)}")
+        jobs = [_artifact_job(Path(artifact), runtimes[0] if runtimes else None,
                               "nchw" if layout == "both" else layout, resolution)]
     else:
         jobs = _model_jobs(names, _runtimes(runtime or DEFAULT_RUNTIMES), layout, resolution)
