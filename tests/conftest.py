@@ -30,6 +30,18 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
 
 
+def randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics, so that folding has something to get wrong."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

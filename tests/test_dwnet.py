@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import randomise_bn, rel_err
 from torch import nn
 
 import mobilehv
@@ -15,21 +15,9 @@ from mobilehv.models.dwnet import DynamicDWConv
 from mobilehv.registry import ResolutionError
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that folding has something to get wrong."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-    return model
-
-
 def test_dynamic_layouts_agree():
     """The fixture covers the static blocks in both layouts; this covers the dynamic ones."""
-    nchw = _randomise_bn(mobilehv.create_model("dwnet_tiny_dynamic", layout="nchw"))
+    nchw = randomise_bn(mobilehv.create_model("dwnet_tiny_dynamic", layout="nchw"))
     tokens = mobilehv.create_model("dwnet_tiny_dynamic", layout="tokens", pretrained=nchw.state_dict())
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -39,7 +27,7 @@ def test_dynamic_layouts_agree():
 
 
 def test_dynamic_conv_is_per_image_depthwise_conv():
-    conv = _randomise_bn(DynamicDWConv(16, 7)).eval()
+    conv = randomise_bn(DynamicDWConv(16, 7)).eval()
     x = torch.randn(3, 16, 9, 11)
     with torch.no_grad():
         out = conv(x)
@@ -75,7 +63,7 @@ def _official_dynamic_keys(key: str) -> str:
 
 
 def test_official_dynamic_checkpoint_loads():
-    source = _randomise_bn(mobilehv.create_model("dwnet_tiny_dynamic"))
+    source = randomise_bn(mobilehv.create_model("dwnet_tiny_dynamic"))
     official = {_official_dynamic_keys(k): v for k, v in source.state_dict().items()}
     assert "layers.0.blocks.0.attn2conv.conv.conv1.weight" in official
     model = mobilehv.create_model("dwnet_tiny_dynamic", layout="tokens", pretrained=official)

@@ -5,25 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import refweights, rel_err
-from torch import nn
+from conftest import randomise_bn, refweights, rel_err
 
 import mobilehv
 from mobilehv.checkpoints import CheckpointError
 from mobilehv.models.efficientvit import LiteMLA
 from mobilehv.registry import ResolutionError
-
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that folding has something to get wrong."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-    return model
 
 
 def _lite_mla_original(m: LiteMLA, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +27,7 @@ def _lite_mla_original(m: LiteMLA, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_linear_attention_matches_original_form():
-    m = _randomise_bn(LiteMLA(64, 16)).eval()
+    m = randomise_bn(LiteMLA(64, 16)).eval()
     x = torch.randn(2, 64, 5, 7)  # non-square, so an H/W mix-up cannot pass
     with torch.no_grad():
         assert rel_err(m(x), _lite_mla_original(m, x)) <= 1e-5

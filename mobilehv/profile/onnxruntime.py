@@ -221,7 +221,6 @@ def profiler_cost_us(threads: int = 1, n: int = 200, trials: int = 15) -> float:
     one-element Adds: median reported kernel time minus the node's share of the fastest plain
     run of the same chain (thread CPU time), floored at 0.
     """
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
