@@ -36,6 +36,8 @@ def test_model_info_fields():
     info = mobilehv.model_info("mobilevit_s")
     assert info["family"] == "mobilevit" and info["variant"] == "s" and info["resolution"] == 256
     assert info["params"] == 5_578_632
+    assert info["mean"] == [0.0, 0.0, 0.0] and info["std"] == [1.0, 1.0, 1.0]  # unnormalised RGB
+    assert mobilehv.model_info("deit_tiny")["std"] == [0.229, 0.224, 0.225]
     assert 1.5e9 < info["macs"] < 2.2e9  # the paper reports ~2.0 GMACs at 256 px
     assert info["paper"]
 

@@ -282,18 +282,20 @@ CONFIGS = {
                           StageConfig(128, 1, 2, 192, 4), StageConfig(160, 1, 2, 240, 3)),
                          expand=4.0, num_features=640),
 }
+# The published weights take RGB in [0, 1] as is: no mean/std normalisation.
+_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
-@register_model(MOBILEVIT, 256, _RULE)
+@register_model(MOBILEVIT, 256, _RULE, **_NORM)
 def mobilevit_xxs(layout: str = "nchw", num_classes: int = 1000) -> MobileViT:
     return MobileViT(CONFIGS["xxs"], num_classes, layout)
 
 
-@register_model(MOBILEVIT, 256, _RULE)
+@register_model(MOBILEVIT, 256, _RULE, **_NORM)
 def mobilevit_xs(layout: str = "nchw", num_classes: int = 1000) -> MobileViT:
     return MobileViT(CONFIGS["xs"], num_classes, layout)
 
 
-@register_model(MOBILEVIT, 256, _RULE)
+@register_model(MOBILEVIT, 256, _RULE, **_NORM)
 def mobilevit_s(layout: str = "nchw", num_classes: int = 1000) -> MobileViT:
     return MobileViT(CONFIGS["s"], num_classes, layout)
