@@ -56,12 +56,16 @@ def test_fold_replaces_bn_and_splits_dynamic_relu(layout):
 
 def test_nchw_deploy_form_moves_less_data_than_tokens():
     """`mobilehv info mobile_former_151m`: the nchw deploy graph has under half the
-    reshape/transpose/slice ops of the (B, M, D) tokens form (measured: 171 vs 383)."""
-    counts = {}
-    for layout in ("nchw", "tokens"):
-        deploy = mobilehv.fold(mobilehv.create_model("mobile_former_151m", layout=layout))
-        counts[layout] = data_movement_count(export_graph_ops(deploy, 224))
+    reshape/transpose/slice ops of the (B, M, D) tokens form (measured: 171 vs 383), and every
+    transpose it has is a batch-matmul operand, which ONNX Runtime (FusedMatMul) and LiteRT
+    (adj_x/adj_y) take as a flag: no data moves for them."""
+    deploy = {layout: mobilehv.fold(mobilehv.create_model("mobile_former_151m", layout=layout))
+              for layout in ("nchw", "tokens")}
+    counts = {layout: data_movement_count(export_graph_ops(m, 224)) for layout, m in deploy.items()}
     assert counts["nchw"] <= 0.45 * counts["tokens"], counts
+    graph = torch.export.export(deploy["nchw"], (torch.zeros(1, 3, 224, 224),)).graph
+    transposes = [n for n in graph.nodes if n.target == torch.ops.aten.transpose.int]
+    assert transposes and all(u.target == torch.ops.aten.bmm.default for n in transposes for u in n.users)
 
 
 def test_any_input_size_runs_and_layouts_agree():

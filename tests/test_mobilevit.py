@@ -1,4 +1,4 @@
-"""MobileViT specifics: the deploy form's conv unfold/fold and attention (data-movement count),
+"""MobileViT specifics: the deploy form's unfold/fold and 3-D attention (data-movement count),
 the input rule the unfold imposes, layouts agreeing on non-square inputs, and the timm key
 mapping. (Parameter counts, fixtures in every layout and per-variant fold are in test_zoo.py.)"""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import mobilehv
 from mobilehv.graph import data_movement_count, export_graph_ops
-from mobilehv.models.mobilevit import CONFIGS, MobileViTBlockDeploy, PatchLayerNorm
+from mobilehv.models.mobilevit import CONFIGS, MobileViTBlockDeploy, PatchAttentionDeploy, PatchLayerNorm
 from mobilehv.registry import ResolutionError
 from conftest import refweights, rel_err
 
@@ -19,29 +19,35 @@ def _deploy_ops(name: str, layout: str, resolution: int = 64):
 
 @pytest.mark.parametrize("name", ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
 def test_nchw_moves_less_data_than_tokens(name):
-    """What `mobilehv info` reports (measured: 69 vs 87 for every variant)."""
+    """What `mobilehv info` reports (measured: 78 vs 87 for every variant). The deploy form
+    spends more views than the minimum (69 with one 6-D permute each way and 4-D attention):
+    3-D attention operands and block-move unfold/fold, each of which removes a measured copy or
+    element-by-element transpose on LiteRT or onnxruntime (see MobileViTBlockDeploy and
+    PatchAttentionDeploy); the structure is pinned by the next test."""
     nchw = data_movement_count(_deploy_ops(name, "nchw"))
     tokens = data_movement_count(_deploy_ops(name, "tokens"))
-    assert nchw <= 0.8 * tokens, (nchw, tokens)
+    assert nchw < tokens, (nchw, tokens)
 
 
 def test_nchw_data_movement_is_what_the_math_needs():
-    """Per MobileViT block: the unfold is a convolution plus one batch<->channel view, the fold
-    a view + permute + view, and the fusion concat; per attention: the head split (view +
-    chunk), the transposes of the small q, v and output matrices (never of the N x N scores)
-    and the view merging heads."""
+    """Per MobileViT block: the unfold is a conv plus one single-axis move (p to the batch) with
+    its two views, and the fold two moves (pw, then whole rows with ph) with their three views
+    (the fusion conv takes x and y as two convs, no concat); per attention: the three head-split views of q, k, v (separate convs: no
+    chunk), the transposes of q and of the scores (matmul operand flags on both runtimes) and
+    the view merging heads."""
     ops = _deploy_ops("mobilevit_xs", "nchw")
     blocks = sum(1 for s in CONFIGS["xs"].stages if s.transformer_dim)
     attentions = sum(s.transformer_depth for s in CONFIGS["xs"].stages)
-    assert ops["permute"] == ops["cat"] == blocks and "pixelunshuffle" not in ops
-    assert ops["reshape"] == 3 * blocks + 2 * attentions
-    assert ops["chunk"] == attentions and ops["transpose"] == 3 * attentions
-    assert data_movement_count(ops) == 5 * blocks + 6 * attentions
+    assert ops["permute"] == blocks and "cat" not in ops and "chunk" not in ops
+    assert ops["reshape"] == 5 * blocks + 4 * attentions
+    assert ops["transpose"] == 2 * blocks + 2 * attentions
+    assert data_movement_count(ops) == 8 * blocks + 6 * attentions
     assert ops["layernorm"] == 0 and ops["linear"] == 1  # channels-last LayerNorm/Linear: only the classifier
 
 
 def test_deploy_block_equals_the_trained_block():
-    """The fused 2x2 stride-2 conv equals conv_1x1 + unfold, and the norms' affines absorbed into
+    """The depthwise-conv unfold and the two-move fold equal the permutes, the split
+    q/k/v convs with 3-D attention equal their originals, and the norms' affines absorbed into
     the following 1x1 convs change nothing (non-trivial BN statistics, batch 2, non-square)."""
     model = mobilehv.create_model("mobilevit_xxs")
     for m in model.modules():
@@ -50,6 +56,7 @@ def test_deploy_block_equals_the_trained_block():
             m.running_var.uniform_(0.5, 1.5)
     deploy = mobilehv.fold(model)
     assert sum(isinstance(m, MobileViTBlockDeploy) for m in deploy.modules()) == 3
+    assert sum(isinstance(m, PatchAttentionDeploy) for m in deploy.modules()) == 9
     assert not any(isinstance(m, PatchLayerNorm) and m.elementwise_affine for m in deploy.modules())
     x = torch.randn(2, 3, 64, 128)
     with torch.no_grad():

@@ -91,6 +91,19 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def code_sha256(model: torch.nn.Module) -> str:
+    """Identity of the code the deploy form runs: the source files of its module classes, so an
+    edited forward() or fold() invalidates cached artifacts even when the weights are unchanged."""
+    import inspect
+
+    files = sorted({inspect.getsourcefile(type(m)) or "" for m in model.modules()
+                    if type(m).__module__.startswith("mobilehv.")})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
 def json_sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 

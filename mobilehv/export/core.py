@@ -244,7 +244,7 @@ def export(model_or_name: str | nn.Module, target: str, out_dir: str | Path = "e
                          precision=job.precision, labels=job.labels is not None)
     path = model_dir / (stem + fmt.suffix)
     sidecar = path.with_name(path.name + ".json")
-    key = _cache_key(job, verify, tol)
+    key = _cache_key(job, verify, tol, C.code_sha256(deploy))
     result = ExportResult(job.name, fmt.name, job.precision, timings=timings, notes=notes)
     if cache:
         hit = _cached(path, sidecar, key, result)
@@ -304,14 +304,14 @@ def _deploy_form(model_or_name, job: Job, weights) -> tuple[nn.Module, str]:
     return mobilehv.fold(model).eval(), C.state_dict_sha256(model)
 
 
-def _cache_key(job: Job, verify: bool, tol: Tolerance) -> str:
+def _cache_key(job: Job, verify: bool, tol: Tolerance, code_sha256: str) -> str:
     fields = {
         "schema": SIDECAR_SCHEMA, "model": job.name, "target": job.fmt.name, "layout": job.layout,
         "resolution": job.resolution, "batch": job.batch, "precision": job.precision,
         "labels": C.json_sha256(list(job.labels)) if job.labels is not None else None,
         "deployment_target": job.deployment_target if job.fmt.name == "coreml" else None,
         "opset": job.opset if job.fmt.name == "onnx" else None, "verify": verify,
-        "tolerance": tol.rel, "weights_sha256": job.weights_sha256,
+        "tolerance": tol.rel, "weights_sha256": job.weights_sha256, "code_sha256": code_sha256,
         "versions": _versions(job.fmt),
     }
     return C.json_sha256(fields)

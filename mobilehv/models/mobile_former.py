@@ -9,7 +9,12 @@ Mobile sub-block, Former->Mobile (the map queries the projected tokens) after it
 Layouts. `tokens` (reference form) is the paper's: tokens `(B, M, D)`, nn.Linear/LayerNorm, and
 `(B, HW, C)` sequences at every bridge. `nchw` (deploy form) keeps the feature map 4-D and
 holds the tokens as a `(B, D, 1, M)` map, so token projections are 1x1 convs and token norms
-LayerNorm2d; bridge heads are split along channels and H*W is flattened only for the matmul.
+LayerNorm2d (LiteRT runs that map as NHWC `(B, 1, M, D)`: the token layout, no transposes).
+Attention heads are split along channels into explicit 3-D `(B*heads, C/h, HW or M)` tensors,
+one reshape per operand: the map is never transposed, transposed operands stay matmul flags,
+and batch matmuls are not wrapped in rank-4 reshapes. Its `fold()` also moves the attention
+scales and the dynamic ReLU's hard-sigmoid into the projections; `tokens` folds only BatchNorms
+and splits fc2.
 Checkpoints: the official code's key layout (AAboys/MobileFormer), mapped by `convert_official`.
 """
 from __future__ import annotations
@@ -113,12 +118,19 @@ def _coefficients(a1: torch.Tensor, a2: torch.Tensor, layout: str) -> tuple[torc
 
 class DynamicReLU(nn.Module):
     """max(a1 * x, a2 * x) per channel; a1, a2 come from the first global token through a
-    bottleneck MLP (the official HyperFunc + DyReLU with two linear pieces)."""
+    bottleneck MLP (the official HyperFunc + DyReLU with two linear pieces).
 
-    def __init__(self, chs: int, token_dim: int, reduction: int = 4, layout: str = "nchw"):
+    It is given all tokens, `(B, D, 1, M)` (nchw) or the first one, `(B, D)` (tokens). In nchw
+    fc1 is a 1x1 conv with stride M along the token axis, so it reads token 0 itself: no slice
+    op per block (a Slice costs onnxruntime ~5 us even on a (1, 192, 1, 6) map).
+    """
+
+    def __init__(self, chs: int, token_dim: int, reduction: int = 4, layout: str = "nchw", token_num: int = 1):
         super().__init__()
         self.layout = layout
         self.fc1 = Linear(token_dim, token_dim // reduction, True, layout)
+        if layout == "nchw":
+            self.fc1.stride = (1, token_num)  # (B, D, 1, M) -> (B, D/r, 1, 1): the first token only
         self.act = nn.ReLU()
         self.fc2 = Linear(token_dim // reduction, 2 * chs, True, layout)
         self.gate = nn.Hardsigmoid()
@@ -134,18 +146,41 @@ class DynamicReLU(nn.Module):
 
 class DynamicReLUDeploy(nn.Module):
     """DynamicReLU with fc2 split into its two halves: two small projections instead of one
-    projection followed by a split (one data-movement op less per dynamic ReLU)."""
+    projection followed by a split (one data-movement op less per dynamic ReLU).
+
+    nchw also folds the hard-sigmoid and its map to slopes into the halves:
+    2 * hsig(u) = clamp(u / 3 + 1, 0, 2) and 2 * hsig(u) - 1 = clamp(u / 3, -1, 1), so a
+    coefficient is one projection and one clamp, not five ops (22 dynamic ReLUs in 294m:
+    0.4-0.5 ms less on onnxruntime). The tokens reference form keeps the original ops.
+    """
 
     def __init__(self, src: DynamicReLU):
         super().__init__()
         self.layout = src.layout
-        self.fc1, self.act, self.gate = src.fc1, src.act, src.gate
+        self.fc1, self.act = src.fc1, src.act
         self.fc2_a, self.fc2_b = (_half(src.fc2, i) for i in range(2))
+        if self.layout == "nchw":
+            _affine_(self.fc2_a, 1 / 3, 1.0)
+            _affine_(self.fc2_b, 1 / 3)
+        else:
+            self.gate = src.gate
 
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         h = self.act(self.fc1(token))
-        a1, a2 = _coefficients(self.gate(self.fc2_a(h)), self.gate(self.fc2_b(h)), self.layout)
+        if self.layout == "nchw":
+            a1 = nn.functional.hardtanh(self.fc2_a(h), 0.0, 2.0)
+            a2 = nn.functional.hardtanh(self.fc2_b(h), -1.0, 1.0)
+        else:
+            a1, a2 = _coefficients(self.gate(self.fc2_a(h)), self.gate(self.fc2_b(h)), self.layout)
         return torch.maximum(x * a1, x * a2)
+
+
+@torch.no_grad()
+def _affine_(layer: nn.Module, scale: float, shift: float = 0.0) -> nn.Module:
+    """In place: `layer(x) * scale + shift` becomes `layer(x)` (a constant folded into the weights)."""
+    layer.weight.mul_(scale)
+    layer.bias.mul_(scale).add_(shift)
+    return layer
 
 
 def _projection_like(layer: nn.Module, out_features: int) -> nn.Module:
@@ -161,6 +196,19 @@ def _half(layer: nn.Module, index: int) -> nn.Module:
     half.weight.copy_(layer.weight[index * out:(index + 1) * out])
     half.bias.copy_(layer.bias[index * out:(index + 1) * out])
     return half
+
+
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1.0 else x * scale
+
+
+def _fold_scale(block: nn.Module, layer: nn.Module) -> nn.Module:
+    """nchw deploy: the attention scale goes into the query (or key) projection, one Mul less
+    per bridge and Former (33 in 294m); the tokens reference form is left as it is."""
+    if block.layout == "nchw" and block.scale != 1.0:
+        _affine_(layer, block.scale)
+        block.scale = 1.0
+    return block
 
 
 class LinearNormAct(nn.Module):
@@ -195,6 +243,7 @@ class MobileToFormer(nn.Module):
         self.scale = (chs // num_heads) ** -0.5
         self.gate = Linear(token_dim, chs, True, layout)
         self.gate_act = nn.Hardsigmoid()
+        self.gate_scale = 2.0
         self.q = Linear(token_dim, chs, True, layout)
         self.proj = Linear(chs, token_dim, True, layout)
         self.norm = Norm(token_dim, 1e-5, layout)
@@ -204,21 +253,32 @@ class MobileToFormer(nn.Module):
         heads, d = self.num_heads, c // self.num_heads
         if self.layout == "nchw":
             m = z.shape[-1]
-            # (B, C, H, W) -> (B, heads, C/h, HW): heads split along channels, H*W flattened only
-            # because matmul contracts a single axis (a view, no copy)
-            kv = x.reshape(b, heads, d, h * w)
-            # (B, C, 1, M) -> (B, heads, M, C/h): the small token side is transposed, never the map
-            q = (self.q(z) * self.scale).reshape(b, heads, d, m).transpose(-2, -1)
-            attn = (q @ kv).softmax(dim=-1)  # (B, heads, M, HW)
-            out = (kv @ attn.transpose(-2, -1)).reshape(b, c, 1, m)  # (B, heads, C/h, M) -> (B, C, 1, M)
+            # (B, C, H, W) -> (B*heads, C/h, HW): heads split along channels, H*W flattened only
+            # because matmul contracts a single axis (a view, no copy); explicit 3-D so the
+            # converters emit one batch matmul, not reshapes to and from rank 4
+            kv = x.reshape(b * heads, d, h * w)
+            q = _scaled(self.q(z), self.scale).reshape(b * heads, d, m)  # (B, C, 1, M) -> (B*heads, C/h, M)
+            # transposed operands stay matmul flags (FusedMatMul on ORT, adj_x/adj_y on LiteRT),
+            # and the softmax is over the last axis: one op (over another axis LiteRT expands
+            # it into seven, one of them a reshape)
+            attn = torch.bmm(q.transpose(1, 2), kv).softmax(dim=-1)  # (B*heads, M, HW)
+            out = torch.bmm(kv, attn.transpose(1, 2)).reshape(b, c, 1, m)  # (B*heads, C/h, M) -> (B, C, 1, M)
         else:
             m = z.shape[1]
             kv = to_tokens(x).reshape(b, h * w, heads, d).permute(0, 2, 1, 3)  # (B, heads, HW, C/h)
-            q = (self.q(z) * self.scale).reshape(b, m, heads, d).permute(0, 2, 1, 3)  # (B, heads, M, C/h)
+            q = _scaled(self.q(z), self.scale).reshape(b, m, heads, d).permute(0, 2, 1, 3)  # (B, heads, M, C/h)
             attn = (q @ kv.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, M, HW)
             out = (attn @ kv).transpose(1, 2).reshape(b, m, c)  # (B, M, C)
-        out = out * (self.gate_act(self.gate(z)) * 2.0)
+        out = out * _scaled(self.gate_act(self.gate(z)), self.gate_scale)
         return self.norm(z + self.proj(out))
+
+    def fold(self) -> nn.Module:
+        """nchw: the gate's 2 * hsig(u) becomes clamp(u / 3 + 1, 0, 2) (as in DynamicReLUDeploy)
+        and the attention scale moves into q."""
+        if self.layout == "nchw" and self.gate_scale != 1.0:
+            _affine_(self.gate, 1 / 3, 1.0)
+            self.gate_act, self.gate_scale = nn.Hardtanh(0.0, 2.0), 1.0
+        return _fold_scale(self, self.q)
 
 
 class Former(nn.Module):
@@ -238,15 +298,13 @@ class Former(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         heads = self.num_heads
-        q = self.q(z) * self.scale
+        q = _scaled(self.q(z), self.scale)
         if self.layout == "nchw":
             b, dim, _, m = z.shape
-            # (B, D, 1, M) -> (B, heads, D/h, M): heads along channels
-            q, kv = q.reshape(b, heads, dim // heads, m), z.reshape(b, heads, dim // heads, m)
-            # scores laid out (keys, queries) and normalised over dim -2, so attn @ v needs no
-            # transpose of the scores: only the tiny (D/h, M) keys are transposed
-            attn = (kv.transpose(-2, -1) @ q).softmax(dim=-2)  # (B, heads, M_k, M_q)
-            out = (kv @ attn).reshape(b, dim, 1, m)
+            # (B, D, 1, M) -> (B*heads, D/h, M): heads along channels, 3-D for one batch matmul
+            q, kv = q.reshape(b * heads, dim // heads, m), z.reshape(b * heads, dim // heads, m)
+            attn = torch.bmm(q.transpose(1, 2), kv).softmax(dim=-1)  # (B*heads, M_q, M_k), transposes as matmul flags
+            out = torch.bmm(kv, attn.transpose(1, 2)).reshape(b, dim, 1, m)
         else:
             b, m, dim = z.shape
             q = q.reshape(b, m, heads, dim // heads).permute(0, 2, 1, 3)  # (B, heads, M, D/h)
@@ -255,6 +313,9 @@ class Former(nn.Module):
             out = (attn @ kv).transpose(1, 2).reshape(b, m, dim)
         z = self.norm1(z + self.proj(out))
         return self.norm2(z + self.mlp(z))
+
+    def fold(self) -> nn.Module:
+        return _fold_scale(self, self.q)
 
 
 class FormerToMobile(nn.Module):
@@ -272,21 +333,27 @@ class FormerToMobile(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         heads, d = self.num_heads, c // self.num_heads
-        k = self.k(z) * self.scale
+        k = _scaled(self.k(z), self.scale)
         if self.layout == "nchw":
             m = z.shape[-1]
-            q = x.reshape(b, heads, d, h * w)  # (B, heads, C/h, HW): heads along channels, HW for the matmul
-            k, v = k.reshape(b, heads, d, m), self.v(z).reshape(b, heads, d, m)  # (B, heads, C/h, M)
-            # scores as (tokens, pixels), softmax over the tokens on dim -2: the map is never
-            # transposed, and v @ attn lands directly in (B, heads, C/h, HW)
-            attn = (k.transpose(-2, -1) @ q).softmax(dim=-2)  # (B, heads, M, HW)
-            return x + (v @ attn).reshape(b, c, h, w)
+            # (B, C, H, W) -> (B*heads, C/h, HW): heads along channels, HW for the matmul, 3-D as in MobileToFormer
+            q = x.reshape(b * heads, d, h * w)
+            k, v = k.reshape(b * heads, d, m), self.v(z).reshape(b * heads, d, m)  # (B*heads, C/h, M)
+            # scores laid out (tokens, pixels), softmax over the tokens on dim 1: the map is never
+            # transposed and v @ attn lands directly in (B*heads, C/h, HW). (Pixels-last scores
+            # with a last-axis softmax save LiteRT six tiny ops but cost onnxruntime ~0.5 ms in
+            # 294m: its softmax over rows of M = 6 and the transposed-map matmul are slow.)
+            attn = torch.bmm(k.transpose(1, 2), q).softmax(dim=1)  # (B*heads, M, HW)
+            return x + torch.bmm(v, attn).reshape(b, c, h, w)
         m = z.shape[1]
         q = to_tokens(x).reshape(b, h * w, heads, d).permute(0, 2, 1, 3)  # (B, heads, HW, C/h)
         k = k.reshape(b, m, heads, d).permute(0, 2, 1, 3)  # (B, heads, M, C/h)
         v = self.v(z).reshape(b, m, heads, d).permute(0, 2, 1, 3)
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, HW, M)
         return x + to_2d((attn @ v).transpose(1, 2).reshape(b, h * w, c), h, w)
+
+    def fold(self) -> nn.Module:
+        return _fold_scale(self, self.k)
 
 
 class ConvBlock(nn.Module):
@@ -309,14 +376,14 @@ class Bottleneck(nn.Module):
     """Mobile sub-block pw -> dw -> pw with dynamic ReLUs after the first two convs."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand: int, groups: int, token_dim: int,
-                 reduction: int, layout: str):
+                 reduction: int, layout: str, token_num: int = 1):
         super().__init__()
         mid = round(in_chs * expand)
         self.conv_pw = ConvNormAct(in_chs, mid, 1, groups=groups, act_layer=None)
         self.shuffle_pw = _shuffle(groups, groups > 1)
-        self.act_pw = DynamicReLU(mid, token_dim, reduction, layout)
+        self.act_pw = DynamicReLU(mid, token_dim, reduction, layout, token_num)
         self.conv_dw = ConvNormAct(mid, mid, 3, stride, groups=mid, act_layer=None)
-        self.act_dw = DynamicReLU(mid, token_dim, reduction, layout)
+        self.act_dw = DynamicReLU(mid, token_dim, reduction, layout, token_num)
         self.conv_pwl = ConvNormAct(mid, out_chs, 1, groups=groups, act_layer=None)
         self.shuffle_pwl = _shuffle(groups, groups > 1)
         self.has_skip = stride == 1 and in_chs == out_chs
@@ -334,18 +401,18 @@ class DownBottleneck(nn.Module):
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand: int, expand2: int, groups: int,
-                 token_dim: int, reduction: int, layout: str):
+                 token_dim: int, reduction: int, layout: str, token_num: int = 1):
         super().__init__()
         if stride != 2:
             raise ValueError(f"a downsampling Mobile-Former block has stride 2, got {stride}")
         mid1, mid2 = round(in_chs * expand), round(out_chs * expand2)
         self.conv_dw1 = ConvNormAct(in_chs, mid1, 3, stride, groups=in_chs, act_layer=None)
         self.shuffle_dw1 = _shuffle(in_chs, groups > 1)
-        self.act_dw1 = DynamicReLU(mid1, token_dim, reduction, layout)
+        self.act_dw1 = DynamicReLU(mid1, token_dim, reduction, layout, token_num)
         self.conv_pw1 = ConvNormAct(mid1, out_chs, 1, groups=groups, act_layer=None)
         self.conv_dw2 = ConvNormAct(out_chs, mid2, 3, groups=out_chs, act_layer=None)
         self.shuffle_dw2 = _shuffle(out_chs, groups > 1)
-        self.act_dw2 = DynamicReLU(mid2, token_dim, reduction, layout)
+        self.act_dw2 = DynamicReLU(mid2, token_dim, reduction, layout, token_num)
         self.conv_pw2 = ConvNormAct(mid2, out_chs, 1, groups=groups, act_layer=None)
 
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -366,7 +433,7 @@ class MobileFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.former(self.mobile_to_former(x, z))
-        token = z[..., :1] if self.layout == "nchw" else z[:, 0]  # (B, D, 1, 1) or (B, D)
+        token = z if self.layout == "nchw" else z[:, 0]  # nchw: fc1 of each dynamic ReLU picks token 0
         return self.former_to_mobile(self.mobile(x, token), z), z
 
 
@@ -405,9 +472,9 @@ class MobileFormer(nn.Module):
                 blocks.append(ConvBlock(chs, b.out_chs, b.stride, b.expand, cfg.groups))
             else:
                 mobile = (DownBottleneck(chs, b.out_chs, b.stride, b.expand, b.expand2, cfg.groups,
-                                         cfg.token_dim, cfg.hyper_reduction, layout) if b.down else
+                                         cfg.token_dim, cfg.hyper_reduction, layout, cfg.token_num) if b.down else
                           Bottleneck(chs, b.out_chs, b.stride, b.expand, cfg.groups, cfg.token_dim,
-                                     cfg.hyper_reduction, layout))
+                                     cfg.hyper_reduction, layout, cfg.token_num))
                 blocks.append(MobileFormerBlock(mobile, chs, b.out_chs, cfg, layout))
             chs = b.out_chs
         self.blocks = nn.ModuleList(blocks)

@@ -12,8 +12,11 @@ The unfold/fold is where the layouts differ (see `MobileViTBlock`):
 * `nchw` (deploy): one permute each way makes the pixel-in-patch offset a batch dim, so the
   transformer runs on ordinary `(B*P, C, h, w)` maps (1x1 convs, norms over dim 1, heads split
   along channels); only attention's matmuls see `(d, N)` matrices (see `PatchAttention`).
-  `fold` turns conv_1x1 + unfold into one stride-2 2x2 conv (`MobileViTBlockDeploy`) and moves
-  the norms' affines into the 1x1 convs after them.
+  `fold` computes the unfold's pixel interleave with a depthwise 0/1 conv, moves conv_1x1
+  after it and does both permutes as block moves (`MobileViTBlockDeploy`), splits qkv into q,
+  k, v convs and runs attention's matmuls and softmax on 3-D `(B'*heads, ., .)` tensors
+  (`PatchAttentionDeploy`), moves the norms' affines into the 1x1 convs after them, and splits
+  the fusion conv over [input, output] into two convs summed (no concat).
 """
 from __future__ import annotations
 
@@ -84,6 +87,40 @@ class PatchAttention(nn.Module):
         attn = ((q.transpose(-2, -1) * self.scale) @ k).softmax(dim=-1)  # (B', heads, N_q, N_k)
         out = (attn @ v.transpose(-2, -1)).transpose(-2, -1)              # (B', heads, d, N_q)
         return self.proj(out.reshape(b, c, h, w))                         # heads -> channels: a view
+
+    def fold(self) -> nn.Module:
+        return PatchAttentionDeploy(self)
+
+
+class PatchAttentionDeploy(nn.Module):
+    """PatchAttention with q, k and v as three 1x1 convs and every matmul on 3-D `(B'*heads, ., .)`.
+
+    Three convs instead of the fused qkv + chunk: each output is its own tensor, so the head
+    split is a view and no SLICE/Split copies q, k and v out of one big tensor (~65 us per
+    attention at stride 16 on both runtimes). 3-D operands: litert-torch lowers a rank-4 matmul
+    to a rank-3 BATCH_MATMUL with RESHAPEs around it, and XNNPACK copies the `(N, N)` scores in
+    each of them (~290 us per reshape at stride 16, 1.5 ms of the model). The scale is folded
+    into q's weights.
+    """
+
+    def __init__(self, src: PatchAttention):
+        super().__init__()
+        self.num_heads, self.proj = src.num_heads, src.proj
+        self.q, self.k, self.v = (nn.Conv2d(w.shape[1], w.shape[0], 1).to(w)
+                                  for w in src.qkv.weight.chunk(3))
+        scales = (src.scale, 1.0, 1.0)
+        with torch.no_grad():
+            for conv, w, b, scale in zip((self.q, self.k, self.v), src.qkv.weight.chunk(3),
+                                         src.qkv.bias.chunk(3), scales):
+                conv.weight.copy_(w * scale)
+                conv.bias.copy_(b * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        heads = (b * self.num_heads, c // self.num_heads, h * w)                # (B'*heads, d, N): views
+        q, k, v = (proj(x).reshape(heads) for proj in (self.q, self.k, self.v))
+        attn = (q.transpose(1, 2) @ k).softmax(dim=-1)                         # (B'*heads, N_q, N_k)
+        return self.proj((v @ attn.transpose(1, 2)).reshape(b, c, h, w))      # (B'*heads, d, N_q)
 
 
 # --- blocks -------------------------------------------------------------------------------------
@@ -159,40 +196,64 @@ class MobileViTBlock(nn.Module):
         return MobileViTBlockDeploy(self) if self.layout == "nchw" else self
 
 
-def _patch_scatter(w: torch.Tensor) -> torch.Tensor:
-    """`(O, I)` -> `(P*O, I, 2, 2)`: output channel p*O + o reads only patch pixel p with weight w[o]."""
-    onehot = torch.eye(PATCH * PATCH, dtype=w.dtype, device=w.device).reshape(-1, PATCH, PATCH)
-    return torch.einsum("oi,pjk->poijk", w, onehot).flatten(0, 1)
+def _pixel_scatter(chs: int, like: torch.Tensor) -> nn.Conv2d:
+    """Depthwise stride-2 2x2 conv with P outputs per channel: output `c*P + p` is pixel p of
+    channel c's patch (a 0/1 kernel), i.e. the unfold computed as a conv."""
+    conv = nn.Conv2d(chs, chs * PATCH * PATCH, PATCH, PATCH, groups=chs, bias=False).to(like)
+    onehot = torch.eye(PATCH * PATCH, dtype=like.dtype, device=like.device)
+    conv.weight.copy_(onehot.reshape(-1, 1, PATCH, PATCH).repeat(chs, 1, 1, 1))
+    return conv
 
 
 class MobileViTBlockDeploy(nn.Module):
-    """The nchw MobileViTBlock with conv_1x1 and the unfold done by one convolution.
+    """The nchw MobileViTBlock with an unfold and a fold both runtimes run as block copies.
 
-    conv_1x1 followed by the unfold is one stride-2 2x2 conv whose output channel p*D + d holds
-    conv_1x1's channel d at pixel p of each patch; p then moves to the batch by a view. It costs
-    4x the MACs of conv_1x1 (small next to attention) and replaces a 6-D reshape + permute +
-    reshape. The final norm's affine goes into conv_proj. (The fold stays a permute: the mirror
-    transposed conv is slower than it in LiteRT.)
+    Unfold: the pixel-in-patch interleave (element by element) is a depthwise stride-2 2x2 conv
+    with a 0/1 kernel, `(B, chs, H, W) -> (B, chs*P, nh, nw)`; moving p to the batch is then a
+    single-axis move of whole `(nh, nw)` maps. A 6-D permute instead is an element-by-element
+    Transpose in onnxruntime (~230 us at stride 16), and fusing conv_1x1 with the unfold into one
+    2x2 conv costs 4x its MACs (~280 us more on LiteRT). conv_1x1 (per pixel) runs after the
+    unfold, so the transformer's residual stream starts at a conv output: LiteRT then keeps it in
+    its native NHWC, where starting at the moved tensor cost a TRANSPOSE pair around every
+    residual add. Fold: the mirror in two moves (a depthwise transposed conv is slower in
+    LiteRT): pw in, then whole rows with ph. The final norm's affine goes into conv_proj, and
+    conv_fusion over [x, y] becomes two convs summed, so no concat copies x and y.
     """
 
     def __init__(self, src: MobileViTBlock):
         super().__init__()
-        self.conv_kxk, self.transformer, self.conv_fusion = src.conv_kxk, src.transformer, src.conv_fusion
-        dim, chs = src.conv_1x1.weight.shape[:2]
-        self.unfold = nn.Conv2d(chs, PATCH * PATCH * dim, PATCH, PATCH, bias=False).to(src.conv_1x1.weight)
-        self.unfold.weight.copy_(_patch_scatter(src.conv_1x1.weight[:, :, 0, 0]))
+        self.conv_kxk, self.conv_1x1, self.transformer = src.conv_kxk, src.conv_1x1, src.transformer
+        fusion = src.conv_fusion.fold()  # Sequential(Conv+BN fused, SiLU)
+        self.fuse_x, self.fuse_y = _input_slice(fusion[0], 0), _input_slice(fusion[0], 1)
+        self.fuse_act = fusion[1]
+        self.unfold = _pixel_scatter(src.conv_1x1.weight.shape[1], src.conv_1x1.weight)
         self.conv_proj = src.conv_proj.fold()  # Conv+BN fused (+ SiLU)
         conv = self.conv_proj[0] if isinstance(self.conv_proj, nn.Sequential) else self.conv_proj
         self.norm = _absorb_affine(src.norm, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.unfold(self.conv_kxk(x))                              # (B, P*D, nh, nw), p-major
+        y = self.unfold(self.conv_kxk(x))                              # (B, chs*P, nh, nw), c-major
         b, _, nh, nw = y.shape
-        y = self.transformer(y.reshape(b * PATCH * PATCH, -1, nh, nw))   # (B*P, D, nh, nw): a view
-        y = self.conv_proj(self.norm(y))                               # (B*P, chs, nh, nw)
-        # Fold: (B, ph, pw, chs, nh, nw) -> (B, chs, nh, ph, nw, pw) -> (B, chs, H, W)
-        y = y.reshape(b, PATCH, PATCH, -1, nh, nw).permute(0, 3, 4, 1, 5, 2).reshape(b, -1, nh * PATCH, nw * PATCH)
-        return self.conv_fusion(torch.cat((x, y), dim=1))
+        # p to the batch, moving (nh, nw) maps: (B, chs, P, N) -> (B, P, chs, N) -> (B*P, chs, nh, nw)
+        y = y.reshape(b, -1, PATCH * PATCH, nh * nw).transpose(1, 2).reshape(b * PATCH * PATCH, -1, nh, nw)
+        y = self.conv_proj(self.norm(self.transformer(self.conv_1x1(y))))  # (B*P, chs, nh, nw)
+        # Fold, pw in: (B*ph, pw, chs*nh*nw) -> (B*ph, chs*nh*nw, pw), i.e. (B, ph, chs, nh, W) rows;
+        y = y.reshape(b * PATCH, PATCH, -1).transpose(1, 2)
+        # then ph in, moving whole W-rows: (B, ph, chs, nh, W) -> (B, chs, nh, ph, W) = (B, chs, H, W)
+        y = y.reshape(b, PATCH, -1, nh, nw * PATCH).permute(0, 2, 3, 1, 4).reshape(b, -1, nh * PATCH, nw * PATCH)
+        return self.fuse_act(self.fuse_x(x) + self.fuse_y(y))          # = conv_fusion(cat(x, y))
+
+
+@torch.no_grad()
+def _input_slice(conv: nn.Conv2d, half: int) -> nn.Conv2d:
+    """The conv restricted to one half of its input channels; the first half carries the bias."""
+    chs = conv.in_channels // 2
+    part = nn.Conv2d(chs, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=half == 0).to(conv.weight)
+    part.weight.copy_(conv.weight[:, half * chs:(half + 1) * chs])
+    if half == 0:
+        part.bias.copy_(conv.bias)
+    return part
 
 
 class ClassifierHead(nn.Module):

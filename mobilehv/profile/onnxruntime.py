@@ -2,8 +2,8 @@
 
 Method: one session with profiling on and one without, same options, runs alternating. The
 profiling session's per-node `*_kernel_time` events give each node's time per run (median over
-repeats, leaving out samples a context switch hit: see `unpreempted`; minus the profiler's own
-cost per node, calibrated once: see `profiler_cost_us`); the plain session gives the
+the runs the OS did not interrupt: see `running_runs`; minus the profiler's own cost per node,
+calibrated once: see `profiler_cost_us`); the plain session gives the
 whole-model latency (thread CPU time with one thread). Nodes of the optimised graph are
 mapped back to the PyTorch module that produced them through the `pkg.torch.onnx.name_scopes`
 / `class_hierarchy` metadata of the exported graph: by name when the node survived
@@ -13,6 +13,7 @@ output, and, for nodes ORT inserts (layout reorders), through the node they serv
 from __future__ import annotations
 
 import ast
+import bisect
 import functools
 import json
 import os
@@ -151,6 +152,9 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
 
     path = Path(path)
     original = _load(path)
+    # Calibrated before the measured runs, once per process: its profiled session also warms
+    # the process's profiling machinery (the first profile of a process overshot by 10-25%).
+    cost = profiler_cost_us(threads)
     with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
         def options(profiled: bool) -> ort.SessionOptions:
             so = ort.SessionOptions()
@@ -174,17 +178,26 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
         resolution = dims[-1] if isinstance(dims[-1], int) else 224
         feed = input_feed(profiled, resolution)
         clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-        e2e = []
+        e2e, stalls, busy = [], [], []
         for i in range(warmup + repeats):  # alternate, so both see the same machine state
             start = clock()
             plain.run(None, feed)
             elapsed = (clock() - start) / 1e6
+            cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
             profiled.run(None, feed)
+            cpu, wall = (time.thread_time_ns() - cpu) / 1e3, (time.perf_counter_ns() - wall) / 1e3
             if i >= warmup:
                 e2e.append(elapsed)
+                # wall time the profiled run's thread spent not running (kernel times are wall time)
+                stalls.append(wall - cpu)
+                busy.append(cpu)
         trace = json.loads(Path(profiled.end_profiling()).read_text())
         optimised = onnx.load(os.path.join(tmp, "optimised.onnx"))
 
+    runs = sorted(e["ts"] for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if len(runs) != warmup + repeats:
+        raise ArtifactError(f"onnxruntime's profile of {path} has {len(runs)} runs, expected {warmup + repeats}")
+    kept_runs = set(running_runs(stalls, busy, threads))
     times: dict[str, list[float]] = defaultdict(list)
     info: dict[str, tuple[str, str]] = {}
     for event in trace:
@@ -192,23 +205,20 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
             continue
         node = event["name"].removesuffix("_kernel_time")
         args = event.get("args", {})
-        times[node].append(float(event["dur"]))
         if node not in info:
             shapes = ["x".join(map(str, next(iter(s.values())))) for s in args.get("output_type_shape", [])]
             info[node] = (args.get("op_name", ""), ",".join(shapes))
+        run = bisect.bisect_right(runs, event["ts"]) - 1 - warmup
+        if run in kept_runs:
+            times[node].append(float(event["dur"]))
     mapper = _Mapper(original, optimised)
-    cost = profiler_cost_us(threads)
-    ops, dropped, total = [], 0, 0
-    for node, samples in times.items():  # insertion order = execution order of the first run
-        op_type, shape = info[node]
-        kept = unpreempted(samples[warmup:]) if threads == 1 else samples[warmup:]
-        dropped, total = dropped + len(samples[warmup:]) - len(kept), total + len(samples[warmup:])
-        ops.append(OpRecord(node, op_type, mapper.map(node, op_type) or (), shape,
-                            [max(0.0, t - cost) for t in kept]))
+    ops = [OpRecord(node, info[node][0], mapper.map(node, info[node][0]) or (), info[node][1],
+                    [max(0.0, t - cost) for t in samples])
+           for node, samples in times.items()]  # insertion order = execution order
     return RunResult(name, "onnxruntime", layout, int(resolution), ops, e2e, METHOD,
                      artifact=path.name, extra={"clock": "thread_cpu" if threads == 1 else "wall",
                                                 "profiler_cost_us": round(cost, 3),
-                                                "preempted_samples_pct": round(100 * dropped / max(total, 1), 2),
+                                                "stalled_runs_pct": round(100 * (1 - len(kept_runs) / repeats), 2),
                                                 "onnxruntime": ort.__version__})
 
 
@@ -242,27 +252,34 @@ def profiler_cost_us(threads: int = 1, n: int = 200, trials: int = 15) -> float:
         plain, profiled = sessions
         feed = {"t0": np.zeros((1, 8), np.float32)}
         clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-        fastest = float("inf")
+        fastest, stalls, busy = float("inf"), [], []
         for _ in range(trials):
             start = clock()
             plain.run(None, feed)
             fastest = min(fastest, (clock() - start) / 1e3)
+            cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
             profiled.run(None, feed)
+            busy.append((time.thread_time_ns() - cpu) / 1e3)
+            stalls.append((time.perf_counter_ns() - wall) / 1e3 - busy[-1])
         events = json.loads(Path(profiled.end_profiling()).read_text())
-    reported = [e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    kept = set(running_runs(stalls, busy, threads))  # as in run(): a descheduled trial inflates every dur
+    reported = [e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                and bisect.bisect_right(runs, e["ts"]) - 1 in kept]
     return max(0.0, float(np.median(reported)) - fastest / n)
 
 
-def unpreempted(samples: list[float]) -> list[float]:
-    """The samples of one node that no context switch hit.
+def running_runs(stalls_us: list[float], cpu_us: list[float], threads: int) -> list[int]:
+    """Indices of the profiled runs whose per-node times can be trusted.
 
-    ORT's kernel times are wall time; on a shared machine the OS sometimes suspends the thread
-    inside a kernel, adding at least a scheduler slice (~1 ms or more) to that one sample. The
-    whole-model latency (thread CPU time) never includes those waits, so for one thread such
-    samples (above the node's fastest by more than max(0.5 ms, 50 %)) are left out before the
-    median. With several threads nothing is dropped and all times are wall time.
+    ORT's kernel times are wall time. On a shared machine the OS now and then deschedules the
+    thread inside kernels, which inflates those nodes' times but not the thread CPU time the
+    whole-model latency is measured in. With one thread, a run counts if it lost at most
+    max(50 us, 2 %) of wall time to not running; if fewer than half qualify, the half of the runs
+    that lost least. With several threads (wall time throughout) every run counts.
     """
-    if not samples:
-        return samples
-    floor = min(samples)
-    return [t for t in samples if t <= floor + max(500.0, 0.5 * floor)]
+    if threads != 1:
+        return list(range(len(stalls_us)))
+    order = sorted(range(len(stalls_us)), key=stalls_us.__getitem__)
+    calm = [i for i in order if stalls_us[i] <= max(50.0, 0.02 * cpu_us[i])]
+    return sorted(calm if len(calm) >= len(order) / 2 else order[:max(1, len(order) // 2)])
