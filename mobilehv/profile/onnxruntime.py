@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import bisect
-import functools
 import json
 import os
 import tempfile
@@ -152,8 +151,9 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
 
     path = Path(path)
     original = _load(path)
-    # Calibrated before the measured runs, once per process: its profiled session also warms
-    # the process's profiling machinery (the first profile of a process overshot by 10-25%).
+    # Calibrated for every run, just before the measured runs: the calibration's own profiled
+    # session also warms ORT's profiling after other work in the process (a profile measured
+    # right after an export, with nothing in between, overshot by 10-25% on small models).
     cost = profiler_cost_us(threads)
     with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
         def options(profiled: bool) -> ort.SessionOptions:
@@ -222,7 +222,6 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
                                                 "onnxruntime": ort.__version__})
 
 
-@functools.lru_cache(maxsize=None)
 def profiler_cost_us(threads: int = 1, n: int = 200, trials: int = 15) -> float:
     """What a kernel_time event adds to a node's time, per node.
 
