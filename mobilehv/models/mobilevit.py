@@ -196,6 +196,7 @@ class MobileViTBlock(nn.Module):
         return MobileViTBlockDeploy(self) if self.layout == "nchw" else self
 
 
+@torch.no_grad()
 def _pixel_scatter(chs: int, like: torch.Tensor) -> nn.Conv2d:
     """Depthwise stride-2 2x2 conv with P outputs per channel: output `c*P + p` is pixel p of
     channel c's patch (a 0/1 kernel), i.e. the unfold computed as a conv."""

@@ -3,7 +3,7 @@
 Method: one session with profiling on and one without, same options, runs alternating. The
 profiling session's per-node `*_kernel_time` events give each node's time per run (median over
 the runs the OS did not interrupt: see `running_runs`; minus the profiler's own cost per node,
-calibrated once: see `profiler_cost_us`); the plain session gives the
+calibrated just before every profile: see `profiler_cost_us`); the plain session gives the
 whole-model latency (thread CPU time with one thread). Nodes of the optimised graph are
 mapped back to the PyTorch module that produced them through the `pkg.torch.onnx.name_scopes`
 / `class_hierarchy` metadata of the exported graph: by name when the node survived
@@ -152,8 +152,8 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
     path = Path(path)
     original = _load(path)
     # Calibrated for every run, just before the measured runs: the calibration's own profiled
-    # session also warms ORT's profiling after other work in the process (a profile measured
-    # right after an export, with nothing in between, overshot by 10-25% on small models).
+    # session also warms ORT's profiling (the first profile of a process, or one right after an
+    # export, overshot by up to 35% on small models).
     cost = profiler_cost_us(threads)
     with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
         def options(profiled: bool) -> ort.SessionOptions:
