@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,21 +26,18 @@ RUNTIMES = {"onnxruntime": "onnx", "tflite": "tflite"}
 
 
 def _runner(path, runtime: str):
-    """A function running the artifact once on a fixed input (1 thread, as the profiler does)."""
+    """A function running the artifact once on a fixed input, in the profiler's session setup (1 thread)."""
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        feed = {inp.name: np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)}
-        return lambda: session.run(None, feed)
-    from ai_edge_litert.interpreter import Interpreter
+        from mobilehv.profile.onnxruntime import input_feed, session_options
 
-    it = Interpreter(model_path=str(path), num_threads=1)
-    it.allocate_tensors()
+        session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        feed = input_feed(session, None)
+        return lambda: session.run(None, feed)
+    from mobilehv.profile.tflite import _interpreter
+
+    it = _interpreter(Path(path).read_bytes(), 1)
     inp = it.get_input_details()[0]
     it.set_tensor(inp["index"], np.random.default_rng(0).standard_normal(inp["shape"]).astype(np.float32))
     return it.invoke

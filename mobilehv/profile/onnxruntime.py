@@ -144,6 +144,24 @@ def input_feed(session, resolution: int | None) -> dict:
     return feed
 
 
+def session_options(threads: int, profile_dir: str | None = None):
+    """The session as deployed (CPU EP, every graph optimisation, sequential); with
+    `profile_dir`, session profiling on and the optimised graph saved there."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if profile_dir is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(profile_dir, "profile")
+        so.optimized_model_filepath = os.path.join(profile_dir, "optimised.onnx")
+    return so
+
+
 def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: int = 5,
         repeats: int = 20) -> RunResult:
     import onnx
@@ -156,22 +174,10 @@ def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: i
     # export, overshot by up to 35% on small models).
     cost = profiler_cost_us(threads)
     with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
-        def options(profiled: bool) -> ort.SessionOptions:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.log_severity_level = 3
-            if profiled:
-                so.enable_profiling = True
-                so.profile_file_prefix = os.path.join(tmp, "profile")
-                so.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
-            return so
-
         try:
-            profiled = ort.InferenceSession(str(path), options(True), providers=["CPUExecutionProvider"])
-            plain = ort.InferenceSession(str(path), options(False), providers=["CPUExecutionProvider"])
+            profiled = ort.InferenceSession(str(path), session_options(threads, profile_dir=tmp),
+                                            providers=["CPUExecutionProvider"])
+            plain = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
         dims = profiled.get_inputs()[0].shape
