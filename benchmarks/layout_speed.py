@@ -30,7 +30,7 @@ def _runner(path, runtime: str):
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
-        from mobilehv.profile.onnxruntime import input_feed, session_options
+        from mobilehv.profile.ort_worker import input_feed, session_options
 
         session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
         feed = input_feed(session, None)

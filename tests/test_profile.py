@@ -126,7 +126,7 @@ def test_onnxruntime_runner(name, res, export_dir):
 
 
 def test_onnxruntime_keeps_runs_the_os_did_not_interrupt():
-    from mobilehv.profile.onnxruntime import running_runs
+    from mobilehv.profile.ort_worker import running_runs
 
     cpu = [4000.0] * 6
     # a run that lost 3 ms to being descheduled is left out; 40 us and 2 % of a run are not a stall

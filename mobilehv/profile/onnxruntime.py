@@ -1,10 +1,11 @@
 """ONNX Runtime, CPU execution provider, graph optimisations on (as deployed).
 
-Method: one session with profiling on and one without, same options, runs alternating. The
-profiling session's per-node `*_kernel_time` events give each node's time per run (median over
-the runs the OS did not interrupt: see `running_runs`; minus the profiler's own cost per node,
-calibrated just before every profile: see `profiler_cost_us`); the plain session gives the
-whole-model latency (thread CPU time with one thread). Nodes of the optimised graph are
+Method, in a fresh interpreter (`ort_worker`): one session with profiling on and one without,
+same options, runs alternating. The profiling session's per-node `*_kernel_time` events give
+each node's time per run (median over the runs the OS did not interrupt: see `running_runs`;
+minus the profiler's own cost per node, calibrated in the same process: see
+`profiler_cost_us`); the plain session gives the whole-model latency (thread CPU time with one
+thread). Nodes of the optimised graph are
 mapped back to the PyTorch module that produced them through the `pkg.torch.onnx.name_scopes`
 / `class_hierarchy` metadata of the exported graph: by name when the node survived
 optimisation, through the original node of the same kind that computed a fused node's
@@ -13,17 +14,13 @@ output, and, for nodes ORT inserts (layout reorders), through the node they serv
 from __future__ import annotations
 
 import ast
-import bisect
-import json
 import os
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from mobilehv.profile.attribution import Scope
+from mobilehv.profile.ort_worker import measure_in_worker
 from mobilehv.profile.records import OpRecord, RunResult
 from mobilehv.taxonomy import op_category
 
@@ -134,157 +131,23 @@ def _load(path: Path):
     return model
 
 
-def input_feed(session, resolution: int | None) -> dict:
-    feed = {}
-    rng = np.random.default_rng(0)
-    for inp in session.get_inputs():
-        shape = [d if isinstance(d, int) else (resolution if i >= 2 else 1)
-                 for i, d in enumerate(inp.shape)]
-        feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
-    return feed
-
-
-def session_options(threads: int, profile_dir: str | None = None):
-    """The session as deployed (CPU EP, every graph optimisation, sequential); with
-    `profile_dir`, session profiling on and the optimised graph saved there."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if profile_dir is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(profile_dir, "profile")
-        so.optimized_model_filepath = os.path.join(profile_dir, "optimised.onnx")
-    return so
-
-
 def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: int = 5,
         repeats: int = 20) -> RunResult:
     import onnx
-    import onnxruntime as ort
 
     path = Path(path)
     original = _load(path)
-    # Calibrated for every run, just before the measured runs: the calibration's own profiled
-    # session also warms ORT's profiling (the first profile of a process, or one right after an
-    # export, overshot by up to 35% on small models).
-    cost = profiler_cost_us(threads)
     with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
-        try:
-            profiled = ort.InferenceSession(str(path), session_options(threads, profile_dir=tmp),
-                                            providers=["CPUExecutionProvider"])
-            plain = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types
-            raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
-        dims = profiled.get_inputs()[0].shape
-        resolution = dims[-1] if isinstance(dims[-1], int) else 224
-        feed = input_feed(profiled, resolution)
-        clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-        e2e, stalls, busy = [], [], []
-        for i in range(warmup + repeats):  # alternate, so both see the same machine state
-            start = clock()
-            plain.run(None, feed)
-            elapsed = (clock() - start) / 1e6
-            cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
-            profiled.run(None, feed)
-            cpu, wall = (time.thread_time_ns() - cpu) / 1e3, (time.perf_counter_ns() - wall) / 1e3
-            if i >= warmup:
-                e2e.append(elapsed)
-                # wall time the profiled run's thread spent not running (kernel times are wall time)
-                stalls.append(wall - cpu)
-                busy.append(cpu)
-        trace = json.loads(Path(profiled.end_profiling()).read_text())
+        measured = measure_in_worker(path.resolve(), threads, warmup, repeats, tmp)
+        if "error" in measured:
+            raise ArtifactError(measured["error"])
         optimised = onnx.load(os.path.join(tmp, "optimised.onnx"))
-
-    runs = sorted(e["ts"] for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
-    if len(runs) != warmup + repeats:
-        raise ArtifactError(f"onnxruntime's profile of {path} has {len(runs)} runs, expected {warmup + repeats}")
-    kept_runs = set(running_runs(stalls, busy, threads))
-    times: dict[str, list[float]] = defaultdict(list)
-    info: dict[str, tuple[str, str]] = {}
-    for event in trace:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        node = event["name"].removesuffix("_kernel_time")
-        args = event.get("args", {})
-        if node not in info:
-            shapes = ["x".join(map(str, next(iter(s.values())))) for s in args.get("output_type_shape", [])]
-            info[node] = (args.get("op_name", ""), ",".join(shapes))
-        run = bisect.bisect_right(runs, event["ts"]) - 1 - warmup
-        if run in kept_runs:
-            times[node].append(float(event["dur"]))
     mapper = _Mapper(original, optimised)
-    ops = [OpRecord(node, info[node][0], mapper.map(node, info[node][0]) or (), info[node][1],
-                    [max(0.0, t - cost) for t in samples])
-           for node, samples in times.items()]  # insertion order = execution order
-    return RunResult(name, "onnxruntime", layout, int(resolution), ops, e2e, METHOD,
+    ops = [OpRecord(node, op_type, mapper.map(node, op_type) or (), shape, samples)
+           for node, op_type, shape, samples in measured["nodes"]]
+    return RunResult(name, "onnxruntime", layout, measured["resolution"], ops, measured["e2e_ms"], METHOD,
                      artifact=path.name, extra={"clock": "thread_cpu" if threads == 1 else "wall",
-                                                "profiler_cost_us": round(cost, 3),
-                                                "stalled_runs_pct": round(100 * (1 - len(kept_runs) / repeats), 2),
-                                                "onnxruntime": ort.__version__})
-
-
-def profiler_cost_us(threads: int = 1, n: int = 200, trials: int = 15) -> float:
-    """What a kernel_time event adds to a node's time, per node.
-
-    ORT reports whole microseconds and times a little bookkeeping with each kernel, which is
-    visible on graphs of a thousand tiny nodes (Mobile-Former). Calibrated on a chain of `n`
-    one-element Adds: median reported kernel time minus the node's share of the fastest plain
-    run of the same chain (thread CPU time), floored at 0.
-    """
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    nodes = [helper.make_node("Add", [f"t{i}", "one"], [f"t{i + 1}"], name=f"add{i}") for i in range(n)]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info(f"t{n}", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
-    content = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
-    with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
-        sessions = []
-        for profiled in (False, True):
-            so = ort.SessionOptions()
-            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the chain
-            so.log_severity_level = 3
-            if profiled:
-                so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "calib")
-            sessions.append(ort.InferenceSession(content, so, providers=["CPUExecutionProvider"]))
-        plain, profiled = sessions
-        feed = {"t0": np.zeros((1, 8), np.float32)}
-        clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-        fastest, stalls, busy = float("inf"), [], []
-        for _ in range(trials):
-            start = clock()
-            plain.run(None, feed)
-            fastest = min(fastest, (clock() - start) / 1e3)
-            cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
-            profiled.run(None, feed)
-            busy.append((time.thread_time_ns() - cpu) / 1e3)
-            stalls.append((time.perf_counter_ns() - wall) / 1e3 - busy[-1])
-        events = json.loads(Path(profiled.end_profiling()).read_text())
-    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    kept = set(running_runs(stalls, busy, threads))  # as in run(): a descheduled trial inflates every dur
-    reported = [e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                and bisect.bisect_right(runs, e["ts"]) - 1 in kept]
-    return max(0.0, float(np.median(reported)) - fastest / n)
-
-
-def running_runs(stalls_us: list[float], cpu_us: list[float], threads: int) -> list[int]:
-    """Indices of the profiled runs whose per-node times can be trusted.
-
-    ORT's kernel times are wall time. On a shared machine the OS now and then deschedules the
-    thread inside kernels, which inflates those nodes' times but not the thread CPU time the
-    whole-model latency is measured in. With one thread, a run counts if it lost at most
-    max(50 us, 2 %) of wall time to not running; if fewer than half qualify, the half of the runs
-    that lost least. With several threads (wall time throughout) every run counts.
-    """
-    if threads != 1:
-        return list(range(len(stalls_us)))
-    order = sorted(range(len(stalls_us)), key=stalls_us.__getitem__)
-    calm = [i for i in order if stalls_us[i] <= max(50.0, 0.02 * cpu_us[i])]
-    return sorted(calm if len(calm) >= len(order) / 2 else order[:max(1, len(order) // 2)])
+                                                "profiler_cost_us": round(measured["cost_us"], 3),
+                                                "stalled_runs_pct": round(measured["stalled_runs_pct"], 2),
+                                                "page_faults_per_run": round(measured["page_faults_per_run"], 1),
+                                                "onnxruntime": measured["onnxruntime"]})
