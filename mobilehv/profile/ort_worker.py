@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -78,6 +77,10 @@ def running_runs(stalls_us: list[float], cpu_us: list[float], threads: int) -> l
 
 
 def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # Windows: not counted
+        return 0
     who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)  # per thread on Linux
     return resource.getrusage(who).ru_minflt
 
@@ -215,7 +218,7 @@ def measure_in_worker(path: str | Path, threads: int, warmup: int, repeats: int,
     result = Path(out_dir) / "result.json"
     request.write_text(json.dumps({"path": str(path), "threads": threads, "warmup": warmup,
                                    "repeats": repeats, "out_dir": str(out_dir)}))
-    env = dict(os.environ, GLIBC_TUNABLES=_MALLOC)
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), _MALLOC))))
     done = subprocess.run([sys.executable, "-P", __file__, str(request), str(result)], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0 or not result.exists():
