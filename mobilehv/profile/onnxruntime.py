@@ -5,11 +5,11 @@ same options, runs alternating. The profiling session's per-node `*_kernel_time`
 each node's time per run (median over the runs the OS did not interrupt: see `running_runs`;
 minus the profiler's own cost per node, calibrated in the same process: see
 `profiler_cost_us`); the plain session gives the whole-model latency (thread CPU time with one
-thread). Nodes of the optimised graph are
-mapped back to the PyTorch module that produced them through the `pkg.torch.onnx.name_scopes`
-/ `class_hierarchy` metadata of the exported graph: by name when the node survived
-optimisation, through the original node of the same kind that computed a fused node's
-output, and, for nodes ORT inserts (layout reorders), through the node they serve.
+thread). Nodes of the optimised graph are mapped back to the PyTorch module that produced them
+through the `pkg.torch.onnx.name_scopes` / `class_hierarchy` metadata of the exported graph: by
+name when the node survived optimisation, through the original node of the same kind that
+computed a fused node's output, and, for nodes ORT inserts (layout reorders), through the node
+they serve.
 """
 from __future__ import annotations
 
