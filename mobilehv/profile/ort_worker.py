@@ -107,22 +107,23 @@ def _run_starts(trace) -> list[int]:
     return sorted(e["ts"] for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
 
 
-def _add_chain(n: int, seed: int = 0) -> bytes:
-    """`n` Adds of two constant (1, s, 1, 1) tensors, s spread evenly over 1..4096 so that the
-    kernel times spread over about a microsecond (see profiler_cost_us); node names as long as
-    an exported model's."""
+def _calibration_chain(n: int, seed: int = 0) -> bytes:
+    """`n` nodes in a data-dependent chain, as in a model: an Add of a constant (1, s, 1, 1)
+    tensor and the running (1, 1, 1, 1) value, then a ReduceMax back to one value. s is spread
+    evenly over 1..4096 so that kernel times spread over about a microsecond (see
+    profiler_cost_us); node names as long as an exported model's."""
     from onnx import TensorProto, helper
 
-    sizes = np.random.default_rng(seed).permutation(np.linspace(1, 4096, n).astype(int))
-    nodes, consts, outputs = [], [], []
+    sizes = np.random.default_rng(seed).permutation(np.linspace(1, 4096, n // 2).astype(int))
+    nodes, consts, running = [], [], "x"
     for i, size in enumerate(sizes):
-        names = [f"a{i}", f"b{i}"]
-        consts += [helper.make_tensor(c, TensorProto.FLOAT, [1, int(size), 1, 1], np.ones(size, np.float32))
-                   for c in names]
-        nodes.append(helper.make_node("Add", names, [f"y{i}"], name=f"/blocks.{i}/mobile/conv_pw/Add"))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, int(size), 1, 1]))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              outputs, consts)
+        consts.append(helper.make_tensor(f"c{i}", TensorProto.FLOAT, [1, int(size), 1, 1], np.ones(size, np.float32)))
+        nodes.append(helper.make_node("Add", [f"c{i}", running], [f"y{i}"], name=f"/blocks.{i}/mobile/conv_pw/Add"))
+        nodes.append(helper.make_node("ReduceMax", [f"y{i}"], [f"r{i}"], keepdims=1,
+                                      name=f"/blocks.{i}/mobile/conv_pw/ReduceMax"))
+        running = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 1])],
+                              [helper.make_tensor_value_info(running, TensorProto.FLOAT, [1, 1, 1, 1])], consts)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString()
 
 
@@ -131,11 +132,12 @@ def profiler_cost_us(threads: int = 1, n: int = 240, warmup: int = 3, trials: in
 
     Inside the timed span ORT formats every input's and output's type and shape into strings
     and builds the event's arguments: about 2 us per node here, visible on graphs of a thousand
-    tiny nodes (Mobile-Former). Calibrated on a chain of `n` two-input Adds (three tensors, as
-    the typical node), against the same chain run without profiling: mean reported kernel time
-    + 0.5 (ORT truncates to whole microseconds; the chain's kernel times spread over about one,
-    so the truncation loses 0.5 us on average) minus the mean node time of the fastest plain
-    run. That also removes the executor's own per-node work, which plain runs include and
+    tiny nodes (Mobile-Former). Calibrated on a data-dependent chain of `n` small nodes (each
+    value consumed by the next, as in a model; a chain of graph outputs allocates each one per
+    run and came out 0.5 us per node cheaper), against the same chain run without profiling:
+    mean reported kernel time + 0.5 (ORT truncates to whole microseconds; the chain's kernel
+    times spread over about one, so the truncation loses 0.5 us on average) minus the mean node
+    time of the fastest plain run. That also removes the executor's own per-node work, which plain runs include and
     kernel times do not, so the sum of ops stays comparable with the whole model.
     """
     import onnxruntime as ort
@@ -149,8 +151,8 @@ def profiler_cost_us(threads: int = 1, n: int = 240, warmup: int = 3, trials: in
             so.log_severity_level = 3
             if profiled:
                 so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "calib")
-            sessions.append(ort.InferenceSession(_add_chain(n), so, providers=["CPUExecutionProvider"]))
-        e2e, stalls, busy, _ = _alternate(*sessions, {"x": np.zeros(1, np.float32)}, threads, warmup + trials)
+            sessions.append(ort.InferenceSession(_calibration_chain(n), so, providers=["CPUExecutionProvider"]))
+        e2e, stalls, busy, _ = _alternate(*sessions, {"x": np.zeros((1, 1, 1, 1), np.float32)}, threads, warmup + trials)
         events = json.loads(Path(sessions[1].end_profiling()).read_text())
     runs = _run_starts(events)
     reported = defaultdict(list)
