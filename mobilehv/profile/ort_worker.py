@@ -133,12 +133,13 @@ def profiler_cost_us(threads: int = 1, n: int = 240, warmup: int = 3, trials: in
     Inside the timed span ORT formats every input's and output's type and shape into strings
     and builds the event's arguments: about 2 us per node here, visible on graphs of a thousand
     tiny nodes (Mobile-Former). Calibrated on a data-dependent chain of `n` small nodes (each
-    value consumed by the next, as in a model; a chain of graph outputs allocates each one per
-    run and came out 0.5 us per node cheaper), against the same chain run without profiling:
+    value consumed by the next, as in a model; a chain of graph outputs, each allocated per
+    run, calibrated 0.5 us per node too low), against the same chain run without profiling:
     mean reported kernel time + 0.5 (ORT truncates to whole microseconds; the chain's kernel
     times spread over about one, so the truncation loses 0.5 us on average) minus the mean node
-    time of the fastest plain run. That also removes the executor's own per-node work, which plain runs include and
-    kernel times do not, so the sum of ops stays comparable with the whole model.
+    time of the fastest plain run. That also removes the executor's own per-node work, which
+    plain runs include and kernel times do not, so the sum of ops stays comparable with the
+    whole model.
     """
     import onnxruntime as ort
 
