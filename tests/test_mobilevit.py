@@ -32,9 +32,9 @@ def test_nchw_moves_less_data_than_tokens(name):
 def test_nchw_data_movement_is_what_the_math_needs():
     """Per MobileViT block: the unfold is a conv plus one single-axis move (p to the batch) with
     its two views, and the fold two moves (pw, then whole rows with ph) with their three views
-    (the fusion conv takes x and y as two convs, no concat); per attention: the three head-split views of q, k, v (separate convs: no
-    chunk), the transposes of q and of the scores (matmul operand flags on both runtimes) and
-    the view merging heads."""
+    (the fusion conv takes x and y as two convs, no concat); per attention: the three head-split
+    views of q, k, v (separate convs: no chunk), the transposes of q and of the scores (matmul
+    operand flags on both runtimes) and the view merging heads."""
     ops = _deploy_ops("mobilevit_xs", "nchw")
     blocks = sum(1 for s in CONFIGS["xs"].stages if s.transformer_dim)
     attentions = sum(s.transformer_depth for s in CONFIGS["xs"].stages)

@@ -103,8 +103,13 @@ def _alternate(plain, profiled, feed, threads: int, runs: int):
     return e2e, stalls, busy, faults
 
 
-def _run_starts(trace) -> list[int]:
-    return sorted(e["ts"] for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
+def _kernel_events(trace):
+    """(run index, event) for every node's kernel_time event, runs found by their model_run
+    timestamps."""
+    runs = sorted(e["ts"] for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            yield bisect.bisect_right(runs, event["ts"]) - 1, event
 
 
 def _calibration_chain(n: int, seed: int = 0) -> bytes:
@@ -153,13 +158,12 @@ def profiler_cost_us(threads: int = 1, n: int = 240, warmup: int = 3, trials: in
             if profiled:
                 so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "calib")
             sessions.append(ort.InferenceSession(_calibration_chain(n), so, providers=["CPUExecutionProvider"]))
-        e2e, stalls, busy, _ = _alternate(*sessions, {"x": np.zeros((1, 1, 1, 1), np.float32)}, threads, warmup + trials)
+        feed = {"x": np.zeros((1, 1, 1, 1), np.float32)}
+        e2e, stalls, busy, _ = _alternate(*sessions, feed, threads, warmup + trials)
         events = json.loads(Path(sessions[1].end_profiling()).read_text())
-    runs = _run_starts(events)
     reported = defaultdict(list)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            reported[bisect.bisect_right(runs, e["ts"]) - 1].append(e["dur"])
+    for run, event in _kernel_events(events):
+        reported[run].append(event["dur"])
     # trials the OS did not interrupt (a descheduled trial inflates every dur, as for the model)
     kept = [i for i in running_runs(stalls, busy, threads) if i >= warmup]
     mean_dur = float(np.mean([d for i in kept for d in reported[i]]))
@@ -191,21 +195,19 @@ def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str) ->
         return {"error": f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}"}
     # Calibrated after the model, in the state it was measured in.
     cost = profiler_cost_us(threads)
-    runs = _run_starts(trace)
-    if len(runs) != warmup + repeats:
-        return {"error": f"onnxruntime's profile of {path} has {len(runs)} runs, expected {warmup + repeats}"}
+    runs = sum(1 for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if runs != warmup + repeats:
+        return {"error": f"onnxruntime's profile of {path} has {runs} runs, expected {warmup + repeats}"}
     kept = set(running_runs(stalls[warmup:], busy[warmup:], threads))
     samples: dict[str, list[float]] = defaultdict(list)
     info: dict[str, tuple[str, str]] = {}
-    for event in trace:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
+    for run, event in _kernel_events(trace):
         node = event["name"].removesuffix("_kernel_time")
         args = event.get("args", {})
         if node not in info:
             shapes = ["x".join(map(str, next(iter(s.values())))) for s in args.get("output_type_shape", [])]
             info[node] = (args.get("op_name", ""), ",".join(shapes))
-        if bisect.bisect_right(runs, event["ts"]) - 1 - warmup in kept:
+        if run - warmup in kept:
             # + 0.5: whole microseconds, truncated (as in the calibration)
             samples[node].append(max(0.0, event["dur"] + 0.5 - cost))
     return {"resolution": int(resolution), "e2e_ms": e2e[warmup:], "cost_us": cost,
