@@ -137,17 +137,10 @@ def _model_jobs(names: list[str] | None, runtimes: list[str], layout: str,
 
 
 def _run_job(job: _Job, *, threads: int, warmup: int, repeats: int, export_dir: Path):
-    import torch
-
-    import mobilehv
-
     if job.runtime == "torch":
         from mobilehv.profile import torch as runner
 
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = mobilehv.fold(mobilehv.create_model(job.model, layout=job.layout))
-        return runner.run(model, name=job.model, layout=job.layout, resolution=job.resolution,
+        return runner.run(job.model, layout=job.layout, resolution=job.resolution,
                           threads=threads, warmup=warmup, repeats=repeats)
     runner = importlib.import_module(f"mobilehv.profile.{job.runtime}")
     path = job.artifact

@@ -29,6 +29,7 @@ import numpy as np
 # a thousand-node graph). Page faults on that growing memory land inside kernel spans, so the
 # worker keeps freed heap memory (no trimming, large blocks from the heap too) and profiles
 # the model once untimed before the measured pass: the measured pass then reuses warm pages.
+# The torch runner's worker needs the same for eager activations (see profile/torch.py).
 _MALLOC = "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
 
 
@@ -76,7 +77,7 @@ def running_runs(stalls_us: list[float], cpu_us: list[float], threads: int) -> l
     return sorted(calm if len(calm) >= len(order) / 2 else order[:max(1, len(order) // 2)])
 
 
-def _minor_faults() -> int:
+def minor_faults() -> int:
     try:
         import resource
     except ImportError:  # Windows: not counted
@@ -94,10 +95,10 @@ def _alternate(plain, profiled, feed, threads: int, runs: int):
         start = clock()
         plain.run(None, feed)
         e2e.append((clock() - start) / 1e6)
-        flt, cpu, wall = _minor_faults(), time.thread_time_ns(), time.perf_counter_ns()
+        flt, cpu, wall = minor_faults(), time.thread_time_ns(), time.perf_counter_ns()
         profiled.run(None, feed)
         cpu, wall = (time.thread_time_ns() - cpu) / 1e3, (time.perf_counter_ns() - wall) / 1e3
-        faults.append(_minor_faults() - flt)
+        faults.append(minor_faults() - flt)
         stalls.append(wall - cpu)  # wall time the thread spent not running (kernel times are wall time)
         busy.append(cpu)
     return e2e, stalls, busy, faults
@@ -216,20 +217,27 @@ def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str) ->
             "page_faults_per_run": float(np.mean(faults[warmup:])), "onnxruntime": ort.__version__}
 
 
+def run_fresh(argv: list[str], request: dict, out_dir: str | Path, worker: str, env: dict | None = None) -> dict:
+    """Run `argv request.json result.json` in a fresh interpreter with the heap settings of
+    _MALLOC (the caller's GLIBC_TUNABLES kept) and return its result, or {"error": one line
+    naming the `worker`}. The torch runner's worker starts the same way."""
+    request_path, result_path = Path(out_dir) / "request.json", Path(out_dir) / "result.json"
+    request_path.write_text(json.dumps(request))
+    tunables = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), _MALLOC)))
+    done = subprocess.run([*argv, str(request_path), str(result_path)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {}), "GLIBC_TUNABLES": tunables})
+    if done.returncode != 0 or not result_path.exists():
+        last = (done.stderr.strip() or "no output").splitlines()[-1]
+        return {"error": f"{worker} failed (exit {done.returncode}): {last}"}
+    return json.loads(result_path.read_text())
+
+
 def measure_in_worker(path: str | Path, threads: int, warmup: int, repeats: int, out_dir: str | Path) -> dict:
     """`measure` in a fresh interpreter (see the module docstring). `-P`: the script's folder,
     which holds this package's onnxruntime.py, must not shadow the onnxruntime package."""
-    request = Path(out_dir) / "request.json"
-    result = Path(out_dir) / "result.json"
-    request.write_text(json.dumps({"path": str(path), "threads": threads, "warmup": warmup,
-                                   "repeats": repeats, "out_dir": str(out_dir)}))
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), _MALLOC))))
-    done = subprocess.run([sys.executable, "-P", __file__, str(request), str(result)], env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0 or not result.exists():
-        last = (done.stderr.strip() or "no output").splitlines()[-1]
-        return {"error": f"onnxruntime's worker failed on {path} (exit {done.returncode}): {last}"}
-    return json.loads(result.read_text())
+    request = {"path": str(path), "threads": threads, "warmup": warmup, "repeats": repeats,
+               "out_dir": str(out_dir)}
+    return run_fresh([sys.executable, "-P", __file__], request, out_dir, f"onnxruntime's worker on {path}")
 
 
 if __name__ == "__main__":

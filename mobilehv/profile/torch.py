@@ -11,11 +11,24 @@ deterministic, so op i of every repeat is the same op; its median is taken over 
 whole-model latency is measured in separate runs without timer or hooks, alternating with the
 timed runs. With one thread every time is thread CPU time (immune to other processes' load),
 otherwise wall time.
+
+The measurement runs in a fresh interpreter (`python -m mobilehv.profile.torch request.json
+result.json`) that builds the deploy form itself, with a heap that keeps freed memory (see
+ort_worker._MALLOC), as a long-running server or jemalloc/tcmalloc would have. With glibc's
+defaults eager torch maps and unmaps its multi-MB activations on every run; those page faults
+land in whichever ops allocate or free, as many as the process's history makes them
+(MobileViT-XXS: 28-32 ms instead of 20-22 ms, two profiles 2.5-7.6 points apart in a
+category's share instead of under 1).
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,44 +169,82 @@ def instrument_cost_us(clock=time.perf_counter_ns, n: int = 240, trials: int = 1
     return per_op, per_hook
 
 
-def run(model: nn.Module, *, name: str, layout: str, resolution: int, threads: int = 1,
-        warmup: int = 5, repeats: int = 20) -> RunResult:
-    """Per-op times (median over `repeats`) and whole-model latencies of `model` in eager mode."""
+def measure(name: str, layout: str, resolution: int, threads: int = 1, warmup: int = 5,
+            repeats: int = 20) -> dict:
+    """Profile the deploy form of registered model `name` in this process (the worker's side).
+
+    Returns the whole-model latencies (ms), per op in execution order its type, module chain
+    (`[path, class]` pairs), output shape and times (us, instrument costs subtracted), and the
+    calibrated costs and minor page faults per timed run.
+    """
+    import mobilehv
+    from mobilehv.profile.ort_worker import minor_faults
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = mobilehv.fold(mobilehv.create_model(name, layout=layout))
     x = torch.randn(1, 3, resolution, resolution)
-    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     # one thread: thread CPU time, which other processes' load does not inflate; else wall time
     clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
-    e2e: list[float] = []
-    runs = []
-    try:
-        per_op, per_hook = instrument_cost_us(clock)
-        with torch.inference_mode():
-            # Plain and timed runs alternate, so both see the same machine state (caches,
-            # frequency, other load); warm-up runs of both kinds are dropped.
-            for i in range(warmup + repeats):
-                start = clock()
-                model(x)
-                elapsed = (clock() - start) / 1e6
-                stack = _ModuleStack()
-                handles = _install_hooks(model, stack)
-                try:
-                    with _OpTimer(stack, clock) as timer:
-                        model(x)
-                finally:
-                    for h in handles:
-                        h.remove()
-                if i >= warmup:
-                    e2e.append(elapsed)
-                    runs.append(timer.events)
-    finally:
-        torch.set_num_threads(previous)
+    per_op, per_hook = instrument_cost_us(clock)
+    e2e, runs, faults = [], [], []
+    with torch.inference_mode():
+        # Plain and timed runs alternate, so both see the same machine state (caches,
+        # frequency, other load); warm-up runs of both kinds are dropped.
+        for i in range(warmup + repeats):
+            start = clock()
+            model(x)
+            elapsed = (clock() - start) / 1e6
+            stack = _ModuleStack()
+            handles = _install_hooks(model, stack)
+            flt = minor_faults()
+            try:
+                with _OpTimer(stack, clock) as timer:
+                    model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            if i >= warmup:
+                e2e.append(elapsed)
+                runs.append(timer.events)
+                faults.append(minor_faults() - flt)
     first = runs[0]
     if any(len(r) != len(first) for r in runs):
-        raise RuntimeError(f"{name}: the eager op sequence changed between repeats")
-    ops = [OpRecord(op_name=f"{op}_{i}", op_type=op, scopes=scopes, output_shape=shape,
-                    samples_us=[max(0.0, r[i][3] - per_op - r[i][4] * per_hook) for r in runs])
+        return {"error": f"{name}: the eager op sequence changed between repeats"}
+    ops = [[op, [[s.path, s.cls] for s in scopes], shape,
+            [max(0.0, r[i][3] - per_op - r[i][4] * per_hook) for r in runs]]
            for i, (op, scopes, shape, _, _) in enumerate(first)]
-    return RunResult(name, "torch", layout, resolution, ops, e2e, METHOD,
-                     extra={"timer_cost_us": round(per_op, 3), "hook_cost_us": round(per_hook, 3),
+    return {"ops": ops, "e2e_ms": e2e, "timer_cost_us": per_op, "hook_cost_us": per_hook,
+            "page_faults_per_run": sum(faults) / len(faults)}
+
+
+def run(name: str, *, layout: str, resolution: int, threads: int = 1, warmup: int = 5,
+        repeats: int = 20) -> RunResult:
+    """Per-op times (median over `repeats`) and whole-model latencies of the deploy form of
+    `name` in eager mode, measured in a fresh interpreter (see the module docstring)."""
+    import mobilehv
+    from mobilehv.profile.ort_worker import run_fresh
+
+    request = {"name": name, "layout": layout, "resolution": resolution, "threads": threads,
+               "warmup": warmup, "repeats": repeats}
+    # the worker imports this package from wherever the caller did, installed or not
+    path = os.pathsep.join(filter(None, (str(Path(mobilehv.__file__).parents[1]), os.environ.get("PYTHONPATH"))))
+    with tempfile.TemporaryDirectory(prefix="mobilehv-torch-") as tmp:
+        measured = run_fresh([sys.executable, "-m", __name__], request, tmp, f"torch's worker on {name}",
+                             env={"PYTHONPATH": path})
+    if "error" in measured:
+        raise RuntimeError(measured["error"])
+    ops = [OpRecord(op_name=f"{op}_{i}", op_type=op, scopes=tuple(Scope(*s) for s in scopes),
+                    output_shape=shape, samples_us=samples)
+           for i, (op, scopes, shape, samples) in enumerate(measured["ops"])]
+    return RunResult(name, "torch", layout, resolution, ops, measured["e2e_ms"], METHOD,
+                     extra={"timer_cost_us": round(measured["timer_cost_us"], 3),
+                            "hook_cost_us": round(measured["hook_cost_us"], 3),
+                            "page_faults_per_run": round(measured["page_faults_per_run"], 1),
                             "clock": "thread_cpu" if threads == 1 else "wall"})
+
+
+if __name__ == "__main__":
+    request = json.loads(Path(sys.argv[1]).read_text())
+    Path(sys.argv[2]).write_text(json.dumps(measure(**request)))
