@@ -1,6 +1,6 @@
 """Mobile-Former's dynamic ReLU written for onnxruntime's blocked x86 layout, against the deploy form's.
 
-    python benchmarks/dyrelu_blocked.py [--name mobile_former_294m] [--rounds 30]
+    python benchmarks/dyrelu_blocked.py [--name mobile_former_294m] [--rounds 40]
 
 Why this exists: on x86, onnxruntime runs every conv whose channels are a multiple of its block
 (8 or 16) in the blocked NCHWc layout, but its blocked kernels take neither a `(1, C, 1, 1)`
@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="mobile_former_294m")
     parser.add_argument("--runtime", action="append", choices=list(RUNTIMES), default=None)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--block", type=int, default=5)
     parser.add_argument("--export-dir", default="export/dyrelu_blocked")
     args = parser.parse_args()
