@@ -16,7 +16,7 @@ _BY_CATEGORY: dict[str, tuple[str, ...]] = {
         "unflatten", "cat", "concat", "concatenation", "concatv2", "stack", "pack", "unpack",
         "split", "splitv", "splitwithsizes", "chunk", "unbind", "slice", "slicetensor",
         "stridedslice", "select", "narrow", "gather", "gathernd", "gatherelements", "indexselect",
-        "index", "pad", "padv2", "constantpadnd", "mirrorpad", "squeeze", "unsqueeze",
+        "index", "getitem", "pad", "padv2", "constantpadnd", "mirrorpad", "squeeze", "unsqueeze",
         "expanddims", "expand", "broadcastto", "tile", "repeat", "contiguous", "clone", "copy",
         "pixelshuffle", "pixelunshuffle", "depthtospace", "spacetodepth", "roll", "movedim",
         "swapaxes", "asstrided", "im2col", "col2im", "unfold", "fold", "identity", "shape",

@@ -80,6 +80,24 @@ def test_explicit_class_convention():
     assert categorise("Mul", _chain(("blocks.0.mix", f"{here}.Unmarked"))) == "elementwise"
 
 
+def test_summary_takes_each_category_per_run_not_per_op_medians():
+    """Two convs that are each slow in a different run: the per-op medians (1 + 1 us) miss the
+    typical run's 5 us; the summary takes the category's median over the runs."""
+    from mobilehv.profile.records import OpRecord, RunResult, ops_frame, summary_row
+
+    conv = (Scope("", "pkg.Net"), Scope("c", "torch.nn.modules.conv.Conv2d"))
+    relu = (Scope("", "pkg.Net"), Scope("r", "torch.nn.modules.activation.ReLU"))
+    run = RunResult("net", "torch", "nchw", 32, [
+        OpRecord("a", "conv2d", conv, "", [1.0, 1.0, 4.0]),
+        OpRecord("b", "conv2d", conv, "", [1.0, 4.0, 1.0]),
+        OpRecord("c", "relu", relu, "", [2.0])],  # one value (an estimate): every run
+        e2e_ms=[0.007, 0.007, 0.007], method="test")
+    row = summary_row(run, ops_frame(run), machine="m", threads=1, warmup=0, repeats=3)
+    assert row["conv_ms"] == pytest.approx(0.005) and row["activation_ms"] == pytest.approx(0.002)
+    assert row["ops_sum_ms"] == pytest.approx(0.007) and row["ops_vs_e2e_pct"] == pytest.approx(0)
+    assert row["conv_pct"] == pytest.approx(100 * 5 / 7, abs=0.01)
+
+
 # --- runners -----------------------------------------------------------------------------------
 
 def _check_run(result: ProfileResult, bound: float | None):
@@ -102,8 +120,9 @@ def test_torch_runner(name, res, tmp_path):
     result = profile(name, runtime="torch", layout="both", resolution=res, warmup=3, repeats=12,
                      out=None)
     assert len(result.summary) == len(_layouts(name))
-    # Eager ops vs e2e carries the instrument's residual cost, -1..+10% per profile on this
-    # machine, so its +-10% agreement is measured by benchmarks/profile_repeatability.py instead.
+    # Eager ops vs e2e is +1..+10% per profile on this machine, always over (Python in the call
+    # path slows the ops themselves): too close to the +-10% bar for a test that must not flake,
+    # so benchmarks/profile_repeatability.py measures it.
     _check_run(result, bound=None)
 
 
