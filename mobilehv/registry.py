@@ -171,6 +171,14 @@ def count_macs(model: nn.Module, resolution: int, batch: int = 1) -> int:
     return counter.get_total_flops() // 2
 
 
+def smallest_per_family() -> list[str]:
+    """The variant with the fewest parameters of every family, sorted by name."""
+    smallest: dict[str, str] = {}
+    for name in sorted(list_models(), key=lambda n: (model_info(n)["params"], n)):
+        smallest.setdefault(get_spec(name).family.name, name)
+    return sorted(smallest.values())
+
+
 @functools.lru_cache(maxsize=None)
 def model_info(name: str) -> dict:
     """Facts about a registered model; built on the meta device, so nothing is allocated."""

@@ -42,6 +42,10 @@ def randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two workers on two cores: one thread each, not two each
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -113,6 +113,24 @@ def _kernel_events(trace):
             yield bisect.bisect_right(runs, event["ts"]) - 1, event
 
 
+def node_times(trace, runs: list[int], cost_us: float) -> list[list]:
+    """[node, op type, output shapes, times in `runs` (us)] per node, in execution order: each
+    kernel_time + 0.5 (ORT truncates to whole microseconds, as in the calibration) minus the
+    profiler's cost per node."""
+    keep = set(runs)
+    samples: dict[str, list[float]] = defaultdict(list)
+    info: dict[str, tuple[str, str]] = {}
+    for run, event in _kernel_events(trace):
+        node = event["name"].removesuffix("_kernel_time")
+        args = event.get("args", {})
+        if node not in info:
+            shapes = ["x".join(map(str, next(iter(s.values())))) for s in args.get("output_type_shape", [])]
+            info[node] = (args.get("op_name", ""), ",".join(shapes))
+        if run in keep:
+            samples[node].append(max(0.0, event["dur"] + 0.5 - cost_us))
+    return [[node, *info[node], samples[node]] for node in info]
+
+
 def _calibration_chain(n: int, seed: int = 0) -> bytes:
     """`n` nodes in a data-dependent chain, as in a model: an Add of a constant (1, s, 1, 1)
     tensor and the running (1, 1, 1, 1) value, then a ReduceMax back to one value. s is spread
@@ -201,20 +219,9 @@ def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str) ->
     runs = sum(1 for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run")
     if runs != warmup + repeats:
         return {"error": f"onnxruntime's profile of {path} has {runs} runs, expected {warmup + repeats}"}
-    kept = set(running_runs(stalls[warmup:], busy[warmup:], threads))
-    samples: dict[str, list[float]] = defaultdict(list)
-    info: dict[str, tuple[str, str]] = {}
-    for run, event in _kernel_events(trace):
-        node = event["name"].removesuffix("_kernel_time")
-        args = event.get("args", {})
-        if node not in info:
-            shapes = ["x".join(map(str, next(iter(s.values())))) for s in args.get("output_type_shape", [])]
-            info[node] = (args.get("op_name", ""), ",".join(shapes))
-        if run - warmup in kept:
-            # + 0.5: whole microseconds, truncated (as in the calibration)
-            samples[node].append(max(0.0, event["dur"] + 0.5 - cost))
+    kept = running_runs(stalls[warmup:], busy[warmup:], threads)
     return {"resolution": int(resolution), "e2e_ms": e2e[warmup:], "cost_us": cost,
-            "nodes": [[node, *info[node], times] for node, times in samples.items()],  # execution order
+            "nodes": node_times(trace, [warmup + i for i in kept], cost),
             "stalled_runs_pct": 100 * (1 - len(kept) / repeats),
             "page_faults_per_run": float(np.mean(faults[warmup:])), "onnxruntime": ort.__version__}
 
