@@ -49,6 +49,16 @@ def fragmented_heap(blocks: int = 2_000_000):
             libc.free(block)
 
 
+def _profile_twice(names: list[str], kwargs: dict, fragment: bool):
+    """(model, runtime, layout), first summary row, second: each model's two profiles back to
+    back, so that the spread measures the profiler, not the machine's drift over the run."""
+    with fragmented_heap() if fragment else contextlib.nullcontext():
+        for name in names:
+            first, second = (profile(name, **kwargs).summary for _ in range(2))
+            for key, a in first.groupby(["model", "runtime", "layout"], sort=False):
+                yield key, a, second[(second["runtime"] == key[1]) & (second["layout"] == key[2])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="registered model names")
@@ -68,13 +78,9 @@ def main() -> None:
     kwargs = dict(runtime=args.runtime, layout=args.layout, resolution=args.resolution,
                   threads=args.threads, warmup=args.warmup, repeats=args.repeats, out=None,
                   export_dir=args.export_dir)
-    with fragmented_heap() if args.fragmented_heap else contextlib.nullcontext():
-        first = profile(names, **kwargs).summary
-        second = profile(names, **kwargs).summary
     ops_pct: dict[str, list[float]] = {}
     spreads, misses = [], 0
-    for key, a in first.groupby(["model", "runtime", "layout"], sort=False):
-        b = second[(second["model"] == key[0]) & (second["runtime"] == key[1]) & (second["layout"] == key[2])]
+    for key, a, b in _profile_twice(names, kwargs, args.fragmented_heap):
         spread = share_spread(a, b)
         pcts = [a["ops_vs_e2e_pct"].iloc[0], b["ops_vs_e2e_pct"].iloc[0]]
         bound = OPS_BOUND.get(key[1])
@@ -84,7 +90,7 @@ def main() -> None:
         spreads.append(spread.max())
         print(f"{' '.join(key):45s} e2e {a['e2e_median_ms'].iloc[0]:8.2f} / {b['e2e_median_ms'].iloc[0]:8.2f} ms"
               f"   ops vs e2e {pcts[0]:+6.1f}% / {pcts[1]:+6.1f}%"
-              f"   max share spread {spread.max():4.2f} pp ({spread.idxmax()})   {'ok' if ok else 'MISSES'}")
+              f"   max share spread {spread.max():4.2f} pp ({spread.idxmax()})   {'ok' if ok else 'MISSES'}", flush=True)
         print("    " + "  ".join(f"{c} {v:.2f}" for c, v in spread.items() if v > 0))
     for runtime, pcts in ops_pct.items():
         bar = f"bar +-{OPS_BOUND[runtime]:.0f}%" if runtime in OPS_BOUND else "reported, not bounded"

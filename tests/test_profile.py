@@ -154,7 +154,7 @@ def test_onnxruntime_keeps_runs_the_os_did_not_interrupt():
 
 
 def test_onnxruntime_node_times_come_from_the_kept_runs_minus_the_profiler_cost():
-    from mobilehv.profile.ort_worker import node_times
+    from mobilehv.profile.ort_worker import fastest_node_us, node_times
 
     def kernel(name, ts, dur):
         return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur,
@@ -167,6 +167,7 @@ def test_onnxruntime_node_times_come_from_the_kept_runs_minus_the_profiler_cost(
               kernel("conv", 201, 12), kernel("relu", 214, 2)]  # run 2
     assert node_times(trace, [0, 2], cost_us=2.5) == [["conv", "Conv", "1x8x4x4", [8.0, 10.0]],
                                                      ["relu", "Relu", "1x8x4x4", [1.0, 0.0]]]
+    assert fastest_node_us(trace, [0, 2]) == 3.0  # relu's (3.5 + 2.5) / 2 caps the profiler cost
 
 
 def test_tflite_runner_cuts_real_single_op_models(export_dir):
