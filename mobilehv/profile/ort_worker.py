@@ -202,9 +202,9 @@ def profiler_cost_us(threads: int = 1, n: int = 240, warmup: int = 3, trials: in
 def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str) -> dict:
     """Profile the model at `path` in this process; the optimised graph is saved in `out_dir`.
 
-    Returns the whole-model latencies (ms), per-node kernel times of the runs that count (us,
-    minus the calibrated profiler cost, execution order) with op type and output shape, and
-    the diagnostics of the measured pass.
+    Returns per-node kernel times of the runs that count (us, minus the profiler cost,
+    execution order) with op type and output shape, the whole-model latencies of the plain runs
+    paired with those (ms), and the diagnostics of the measured pass.
     """
     import onnxruntime as ort
 
