@@ -9,28 +9,41 @@ from torch import nn
 from mobilehv.taxonomy import is_data_movement, normalise
 
 
-def export_graph_ops(module: nn.Module, resolution: int, batch: int = 1) -> Counter:
-    """Counts of aten op names in the exported graph of `module` on a `(batch, 3, r, r)` input.
-
-    Ops computed from weights alone (e.g. reshaping a norm's weight for broadcasting) are left
-    out: every deploy runtime folds them into constants, so they cost nothing at run time.
-    """
+def _run_time_nodes(module: nn.Module, resolution: int, batch: int):
+    """The call nodes of `module`'s `torch.export` graph on a `(batch, 3, r, r)` input, less
+    those computed from weights alone (e.g. reshaping a norm's weight for broadcasting): every
+    deploy runtime folds them into constants, so they cost nothing at run time."""
     x = torch.zeros(batch, 3, resolution, resolution)
     with torch.no_grad():
         program = torch.export.export(module.eval(), (x,))
     sig = program.graph_signature
     constant = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(
         sig.inputs_to_lifted_tensor_constants)
-    ops: Counter = Counter()
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
         if all(a.name in constant for a in node.all_input_nodes):
             constant.add(node.name)
             continue
-        ops[normalise(str(node.target))] += 1
-    return ops
+        yield node
+
+
+def export_graph_ops(module: nn.Module, resolution: int, batch: int = 1) -> Counter:
+    """Counts of aten op names in the exported graph of `module` (see _run_time_nodes)."""
+    return Counter(normalise(str(node.target)) for node in _run_time_nodes(module, resolution, batch))
 
 
 def data_movement_count(ops: Counter) -> int:
     return sum(n for op, n in ops.items() if is_data_movement(op))
+
+
+def data_movement_elements(module: nn.Module, resolution: int, batch: int = 1) -> int:
+    """Elements output by the data-movement ops of `module`'s graph: what a runtime that copies
+    on every reshape and transpose (XNNPACK's copy nodes) moves, where a count of ops weighs a
+    view of a small `(N, d)` matrix the same as a transpose of a full feature map."""
+    total = 0
+    for node in _run_time_nodes(module, resolution, batch):
+        if is_data_movement(normalise(str(node.target))):
+            val = node.meta["val"]
+            total += sum(t.numel() for t in (val if isinstance(val, (list, tuple)) else [val]))
+    return total

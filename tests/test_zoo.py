@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mobilehv
-from mobilehv.graph import data_movement_count, export_graph_ops
+from mobilehv.graph import data_movement_elements
 from mobilehv.registry import get_spec
 from conftest import REFERENCE, refweights, rel_err
 
@@ -153,8 +153,11 @@ def _smallest_two_layout_variants() -> list[str]:
 
 @pytest.mark.parametrize("name", _smallest_two_layout_variants())
 def test_nchw_moves_less_data_than_tokens(name):
-    """The deploy form's point: fewer reshape/transpose/concat/... ops in the exported graph."""
+    """The deploy form's point: fewer elements through reshape/transpose/concat/... ops in the
+    exported graph (0.17 of `tokens` for DWNet ... 0.999 for LeViT). Elements, not ops: MobileViT's
+    deploy form spends more views than `tokens` (96 vs 87), on small matrices, to keep copies
+    of full maps and a slow matmul order off LiteRT (see test_mobilevit.py)."""
     r = _small_resolution(name)
-    counts = {layout: data_movement_count(export_graph_ops(
-        mobilehv.fold(mobilehv.create_model(name, layout=layout)), r)) for layout in ("nchw", "tokens")}
-    assert counts["nchw"] < counts["tokens"], counts
+    moved = {layout: data_movement_elements(mobilehv.fold(mobilehv.create_model(name, layout=layout)), r)
+             for layout in ("nchw", "tokens")}
+    assert moved["nchw"] < moved["tokens"], moved
