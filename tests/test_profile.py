@@ -141,6 +141,21 @@ def test_onnxruntime_runner(name, res, export_dir):
     assert {"patch_embed", "conv"} <= cats
 
 
+def test_onnxruntime_without_the_nchwc_layout_transformer(export_dir):
+    from mobilehv.export import export
+    from mobilehv.profile import onnxruntime as ort_runner
+    from mobilehv.profile.ort_worker import NCHWC
+
+    path = export("mobile_former_26m", "onnx", export_dir, cache=True).path
+    kw = dict(name="mobile_former_26m", layout="nchw", warmup=1, repeats=3)
+    reorders = {"ReorderInput", "ReorderOutput"}
+    if platform.machine().lower() in ("x86_64", "amd64"):  # where ORT applies it by default
+        assert reorders <= {op.op_type for op in ort_runner.run(path, **kw).ops}
+    portable = ort_runner.run(path, disabled_optimizers=(NCHWC,), **kw)
+    assert not reorders & {op.op_type for op in portable.ops}
+    assert NCHWC in portable.method
+
+
 def test_onnxruntime_keeps_runs_the_os_did_not_interrupt():
     from mobilehv.profile.ort_worker import running_runs
 

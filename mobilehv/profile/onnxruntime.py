@@ -132,20 +132,23 @@ def _load(path: Path):
 
 
 def run(path: str | Path, *, name: str, layout: str, threads: int = 1, warmup: int = 5,
-        repeats: int = 20) -> RunResult:
+        repeats: int = 20, disabled_optimizers: tuple[str, ...] = ()) -> RunResult:
+    """Profile the ONNX artifact at `path`. `disabled_optimizers`: ORT graph transformers left
+    out, e.g. `(ort_worker.NCHWC,)` for the graph ORT's stock ARM64 builds run."""
     import onnx
 
     path = Path(path)
     original = _load(path)
     with tempfile.TemporaryDirectory(prefix="mobilehv-ort-") as tmp:
-        measured = measure_in_worker(path.resolve(), threads, warmup, repeats, tmp)
+        measured = measure_in_worker(path.resolve(), threads, warmup, repeats, tmp, list(disabled_optimizers))
         if "error" in measured:
             raise ArtifactError(measured["error"])
         optimised = onnx.load(os.path.join(tmp, "optimised.onnx"))
     mapper = _Mapper(original, optimised)
     ops = [OpRecord(node, op_type, mapper.map(node, op_type) or (), shape, samples)
            for node, op_type, shape, samples in measured["nodes"]]
-    return RunResult(name, "onnxruntime", layout, measured["resolution"], ops, measured["e2e_ms"], METHOD,
+    method = METHOD + (f"; without {', '.join(disabled_optimizers)}" if disabled_optimizers else "")
+    return RunResult(name, "onnxruntime", layout, measured["resolution"], ops, measured["e2e_ms"], method,
                      artifact=path.name, extra={"clock": "thread_cpu" if threads == 1 else "wall",
                                                 "profiler_cost_us": round(measured["cost_us"], 3),
                                                 "calibrated_cost_us": round(measured["calibrated_cost_us"], 3),

@@ -33,6 +33,14 @@ import numpy as np
 _MALLOC = "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
 
 
+# ORT's x86 layout transformer: convs whose channels are a multiple of 8 or 16 run in a blocked
+# channel layout (NCHWc), with ReorderInput/ReorderOutput nodes wherever a consumer cannot take
+# it (a (1, C, 1, 1) broadcast Mul, a Max, a MatMul). ORT's stock ARM64 builds, as shipped in
+# phone apps, leave it out (its NEON kernels are an opt-in build option), so disabling it here
+# gives the graph those builds run, on this machine's kernels.
+NCHWC = "NchwcTransformer"
+
+
 def session_options(threads: int, profile_dir: str | None = None):
     """The session as deployed (CPU EP, every graph optimisation, sequential); with
     `profile_dir`, session profiling on and the optimised graph saved there."""
@@ -199,8 +207,10 @@ def profiler_cost_us(threads: int = 1, n: int = 240, warmup: int = 3, trials: in
     return max(0.0, mean_dur + 0.5 - min(e2e[i] for i in kept) * 1e3 / n)
 
 
-def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str) -> dict:
+def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str,
+            disabled_optimizers: list[str] | None = None) -> dict:
     """Profile the model at `path` in this process; the optimised graph is saved in `out_dir`.
+    `disabled_optimizers` names ORT graph transformers to leave out (see NCHWC).
 
     Returns per-node kernel times of the runs that count (us, minus the profiler cost,
     execution order) with op type and output shape, the whole-model latencies of the plain runs
@@ -208,12 +218,15 @@ def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str) ->
     """
     import onnxruntime as ort
 
+    def session(options):
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=disabled_optimizers or [])
+
     try:
-        plain = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+        plain = session(session_options(threads))
         for _ in range(2):  # the untimed pass warms the heap (see _MALLOC); the second is measured
             with tempfile.TemporaryDirectory(prefix="mobilehv-ort-", dir=out_dir) as tmp:
-                profiled = ort.InferenceSession(path, session_options(threads, profile_dir=tmp),
-                                                providers=["CPUExecutionProvider"])
+                profiled = session(session_options(threads, profile_dir=tmp))
                 dims = profiled.get_inputs()[0].shape
                 resolution = dims[-1] if isinstance(dims[-1], int) else 224
                 e2e, stalls, busy, faults = _alternate(plain, profiled, input_feed(profiled, resolution),
@@ -255,11 +268,12 @@ def run_fresh(argv: list[str], request: dict, out_dir: str | Path, worker: str, 
     return json.loads(result_path.read_text())
 
 
-def measure_in_worker(path: str | Path, threads: int, warmup: int, repeats: int, out_dir: str | Path) -> dict:
+def measure_in_worker(path: str | Path, threads: int, warmup: int, repeats: int, out_dir: str | Path,
+                      disabled_optimizers: list[str] | None = None) -> dict:
     """`measure` in a fresh interpreter (see the module docstring). `-P`: the script's folder,
     which holds this package's onnxruntime.py, must not shadow the onnxruntime package."""
     request = {"path": str(path), "threads": threads, "warmup": warmup, "repeats": repeats,
-               "out_dir": str(out_dir)}
+               "out_dir": str(out_dir), "disabled_optimizers": list(disabled_optimizers or [])}
     return run_fresh([sys.executable, "-P", __file__], request, out_dir, f"onnxruntime's worker on {path}")
 
 
