@@ -58,18 +58,19 @@ def list_cmd(pattern: str = typer.Argument("*", help="glob over model names, e.g
 @app.command()
 def info(name: str = typer.Argument(..., help="a registered model name"),
          as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """Params, MACs and data-movement ops of the deploy form, for each layout."""
-    from mobilehv.graph import data_movement_count, export_graph_ops
+    """Params, MACs and data movement (ops, elements) of the deploy form, for each layout."""
+    from mobilehv.graph import data_movement_count, graph_inventory
 
     try:
         facts = dict(mobilehv.model_info(name))
     except UnknownModelError as e:
         fail(str(e))
-    facts["data_movement_ops"], facts["graph_ops"] = {}, {}
+    facts["data_movement_ops"], facts["data_movement_elements"], facts["graph_ops"] = {}, {}, {}
     for layout in facts["layouts"]:
         deploy = mobilehv.fold(mobilehv.create_model(name, layout=layout))
-        ops = export_graph_ops(deploy, facts["resolution"])
+        ops, moved = graph_inventory(deploy, facts["resolution"])
         facts["data_movement_ops"][layout] = data_movement_count(ops)
+        facts["data_movement_elements"][layout] = moved
         facts["graph_ops"][layout] = sum(ops.values())
     if as_json:
         print(json.dumps(facts, indent=1))
@@ -85,7 +86,8 @@ def info(name: str = typer.Argument(..., help="a registered model name"),
     table.add_row("checkpoint formats", ", ".join(facts["checkpoint_formats"]) or "mobilehv")
     for layout in facts["layouts"]:
         table.add_row(f"data-movement ops ({layout})", f"{facts['data_movement_ops'][layout]} of "
-                      f"{facts['graph_ops'][layout]} ops in the torch.export graph")
+                      f"{facts['graph_ops'][layout]} ops in the torch.export graph, moving "
+                      f"{facts['data_movement_elements'][layout]:,} elements")
     console.print(table)
 
 

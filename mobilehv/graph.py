@@ -28,22 +28,25 @@ def _run_time_nodes(module: nn.Module, resolution: int, batch: int):
         yield node
 
 
+def graph_inventory(module: nn.Module, resolution: int, batch: int = 1) -> tuple[Counter, int]:
+    """Counts of aten op names in the exported graph of `module` (see _run_time_nodes), and the
+    elements its data-movement ops output: what a runtime that copies on every reshape and
+    transpose (XNNPACK's copy nodes) moves, where a count weighs a view of a small `(N, d)`
+    matrix the same as a transpose of a full feature map."""
+    ops: Counter = Counter()
+    moved = 0
+    for node in _run_time_nodes(module, resolution, batch):
+        op = normalise(str(node.target))
+        ops[op] += 1
+        if is_data_movement(op):
+            val = node.meta["val"]
+            moved += sum(t.numel() for t in (val if isinstance(val, (list, tuple)) else [val]))
+    return ops, moved
+
+
 def export_graph_ops(module: nn.Module, resolution: int, batch: int = 1) -> Counter:
-    """Counts of aten op names in the exported graph of `module` (see _run_time_nodes)."""
-    return Counter(normalise(str(node.target)) for node in _run_time_nodes(module, resolution, batch))
+    return graph_inventory(module, resolution, batch)[0]
 
 
 def data_movement_count(ops: Counter) -> int:
     return sum(n for op, n in ops.items() if is_data_movement(op))
-
-
-def data_movement_elements(module: nn.Module, resolution: int, batch: int = 1) -> int:
-    """Elements output by the data-movement ops of `module`'s graph: what a runtime that copies
-    on every reshape and transpose (XNNPACK's copy nodes) moves, where a count of ops weighs a
-    view of a small `(N, d)` matrix the same as a transpose of a full feature map."""
-    total = 0
-    for node in _run_time_nodes(module, resolution, batch):
-        if is_data_movement(normalise(str(node.target))):
-            val = node.meta["val"]
-            total += sum(t.numel() for t in (val if isinstance(val, (list, tuple)) else [val]))
-    return total

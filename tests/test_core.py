@@ -123,8 +123,10 @@ def test_cli_info_counts_data_movement():
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
     assert facts["params"] == 1_272_024
-    moves = facts["data_movement_ops"]
-    assert set(moves) == {"nchw", "tokens"} and moves["nchw"] < moves["tokens"]
+    ops, moved = facts["data_movement_ops"], facts["data_movement_elements"]
+    assert set(ops) == set(moved) == {"nchw", "tokens"}
+    # the deploy form has more views than `tokens` (test_mobilevit.py), on small matrices
+    assert ops["nchw"] > ops["tokens"] and moved["nchw"] < 0.7 * moved["tokens"]
 
 
 def test_cli_info_table():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mobilehv
-from mobilehv.graph import data_movement_elements
+from mobilehv.graph import graph_inventory
 from mobilehv.registry import get_spec
 from conftest import REFERENCE, refweights, rel_err
 
@@ -158,6 +158,6 @@ def test_nchw_moves_less_data_than_tokens(name):
     deploy form spends more views than `tokens` (96 vs 87), on small matrices, to keep copies
     of full maps and a slow matmul order off LiteRT (see test_mobilevit.py)."""
     r = _small_resolution(name)
-    moved = {layout: data_movement_elements(mobilehv.fold(mobilehv.create_model(name, layout=layout)), r)
+    moved = {layout: graph_inventory(mobilehv.fold(mobilehv.create_model(name, layout=layout)), r)[1]
              for layout in ("nchw", "tokens")}
     assert moved["nchw"] < moved["tokens"], moved
