@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilehv.export import export
-from mobilehv.profile import onnxruntime as ort_runner
-from mobilehv.profile import records, tflite as tflite_runner
+from mobilehv.profile import onnxruntime as ort_runner, records, tflite as tflite_runner
 from mobilehv.profile.ort_worker import NCHWC
 
 RUNTIMES = {"onnxruntime": "onnx", "tflite": "tflite"}

@@ -45,6 +45,7 @@ def graph_inventory(module: nn.Module, resolution: int, batch: int = 1) -> tuple
 
 
 def export_graph_ops(module: nn.Module, resolution: int, batch: int = 1) -> Counter:
+    """The op counts of graph_inventory (what the exporters' sidecars record)."""
     return graph_inventory(module, resolution, batch)[0]
 
 
