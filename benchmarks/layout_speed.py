@@ -35,12 +35,9 @@ RUNTIMES = {"onnxruntime": "onnx", "tflite": "tflite"}
 def _runner(path, runtime: str, disabled: tuple[str, ...] = ()):
     """A function running the artifact once on a fixed input, in the profiler's session setup (1 thread)."""
     if runtime == "onnxruntime":
-        import onnxruntime as ort
+        from mobilehv.profile.ort_worker import input_feed, new_session
 
-        from mobilehv.profile.ort_worker import input_feed, session_options
-
-        session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=list(disabled))
+        session = new_session(path, 1, disabled)
         feed = input_feed(session, None)
         return lambda: session.run(None, feed)
     from mobilehv.profile.tflite import _interpreter

@@ -8,7 +8,7 @@ from torch import nn
 
 import mobilehv
 from mobilehv.graph import graph_inventory
-from mobilehv.registry import get_spec
+from mobilehv.registry import get_spec, smallest_per_family
 from conftest import REFERENCE, refweights, rel_err
 
 # Parameter counts of the original code (or timm's faithful port). Exact unless in APPROX.
@@ -142,16 +142,7 @@ def test_fold_and_layouts_agree(name):
             assert rel_err(mobilehv.fold(other)(x), ref) <= TOL
 
 
-def _smallest_two_layout_variants() -> list[str]:
-    by_family: dict[str, str] = {}
-    for name in sorted(mobilehv.list_models(), key=lambda n: mobilehv.model_info(n)["params"]):
-        spec = get_spec(name)
-        if len(spec.family.layouts) > 1:
-            by_family.setdefault(spec.family.name, name)
-    return sorted(by_family.values())
-
-
-@pytest.mark.parametrize("name", _smallest_two_layout_variants())
+@pytest.mark.parametrize("name", [n for n in smallest_per_family() if len(get_spec(n).family.layouts) > 1])
 def test_nchw_moves_less_data_than_tokens(name):
     """The deploy form's point: fewer elements through reshape/transpose/concat/... ops in the
     exported graph (0.17 of `tokens` for DWNet ... 0.999 for LeViT). Elements, not ops: MobileViT's

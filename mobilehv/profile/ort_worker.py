@@ -59,6 +59,15 @@ def session_options(threads: int, profile_dir: str | None = None):
     return so
 
 
+def new_session(path: str, threads: int, disabled_optimizers=(), profile_dir: str | None = None):
+    """An InferenceSession on the CPU provider with `session_options`, less the graph
+    transformers named in `disabled_optimizers` (see NCHWC)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads, profile_dir),
+                                providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
+
+
 def input_feed(session, resolution: int | None) -> dict:
     feed = {}
     rng = np.random.default_rng(0)
@@ -218,15 +227,12 @@ def measure(path: str, threads: int, warmup: int, repeats: int, out_dir: str,
     """
     import onnxruntime as ort
 
-    def session(options):
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=disabled_optimizers or [])
-
+    disabled = disabled_optimizers or []
     try:
-        plain = session(session_options(threads))
+        plain = new_session(path, threads, disabled)
         for _ in range(2):  # the untimed pass warms the heap (see _MALLOC); the second is measured
             with tempfile.TemporaryDirectory(prefix="mobilehv-ort-", dir=out_dir) as tmp:
-                profiled = session(session_options(threads, profile_dir=tmp))
+                profiled = new_session(path, threads, disabled, profile_dir=tmp)
                 dims = profiled.get_inputs()[0].shape
                 resolution = dims[-1] if isinstance(dims[-1], int) else 224
                 e2e, stalls, busy, faults = _alternate(plain, profiled, input_feed(profiled, resolution),
