@@ -65,7 +65,10 @@ def parse_location(name: str) -> tuple[Scope, ...] | None:
 
 
 def tensor_scopes(name: str, op_type: str) -> tuple[Scope, ...] | None:
-    """Module chain from an output tensor name; for fused ops, the location of the op's kind."""
+    """Module chain from an output tensor name. A name with several locations belongs to an op
+    the converter merged others into: the location of the op's kind if one is (a conv with its
+    activation), else the first, the op's own; the converter appends the merged ones (a residual
+    Add lists the projection before it, a norm's Mean the norm of the block before)."""
     locations = [s for s in (parse_location(p) for p in name.split(";") if "/" in p or "." in p) if s]
     if not locations:
         return None
@@ -73,7 +76,7 @@ def tensor_scopes(name: str, op_type: str) -> tuple[Scope, ...] | None:
     for scopes in locations:
         if op_category(scopes[-1].short_cls) == want:
             return scopes
-    return locations[-1]
+    return locations[0]
 
 
 def _builtin_names() -> dict[int, str]:
