@@ -196,7 +196,7 @@ def test_tflite_runner_cuts_real_single_op_models(export_dir):
     # ops the converter merged others into keep their own module: a residual Add is not its
     # projection's, and each LayerNorm owns its two Means (not the norm of the block before)
     ops = result.ops
-    assert not ops[(ops["op_type"] == "ADD") & ops["module_class"].str.endswith("Conv2d")].size
+    assert ops[(ops["op_type"] == "ADD") & ops["module_class"].str.endswith("Conv2d")].empty
     means = ops[(ops["op_type"] == "MEAN") & ops["module_class"].str.endswith("LayerNorm")]
     assert len(means) and set(means.groupby("module_path").size()) == {2}
     # a single-op model cut from the flatbuffer computes what that op computes in the whole model
