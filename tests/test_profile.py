@@ -185,6 +185,31 @@ def test_onnxruntime_node_times_come_from_the_kept_runs_minus_the_profiler_cost(
     assert fastest_node_us(trace, [0, 2]) == 3.0  # relu's (3.5 + 2.5) / 2 caps the profiler cost
 
 
+def test_tflite_ops_the_converter_merged_keep_their_own_module():
+    """Tensor names as litert-torch writes them when the converter merged ops (from DeiT-S and
+    CvT-13 exports): `;`-joined locations, the op's own first."""
+    from mobilehv.profile.tflite import tensor_scopes
+
+    def name(*paths: str) -> str:
+        return ";;".join("mobilehv.models.deit.DeiT/torch.nn.modules.container.Sequential_blocks/"
+                         + "/".join(f"{cls}_{attr}" for cls, attr in (p.split(":") for p in path.split("/")))
+                         for path in paths) + ";1"
+
+    block = "mobilehv.models.deit.Block:0"
+    proj = "mobilehv.layers.blocks.Attention:attn/torch.nn.modules.conv.Conv2d:proj"
+    norm1, norm2 = "mobilehv.layers.layout.LayerNorm2d:norm1", "mobilehv.layers.layout.LayerNorm2d:norm2"
+    act, fc1 = "mobilehv.models.cvt.QuickGELU:act", "torch.nn.modules.linear.Linear:fc1"
+    mlp = f"{block}/mobilehv.layers.blocks.Mlp:mlp"
+    cases = [("ADD", [block, f"{block}/{proj}"], "blocks.0"),  # the residual add, not the projection
+             ("MEAN", [f"{block}/{norm2}", f"{block}/{norm1}"], "blocks.0.norm2"),  # not the norm before
+             ("RESHAPE", [f"{block}/{norm2}", f"{block}/{norm1}"] * 2, "blocks.0.norm2"),
+             ("CONV_2D", [f"{mlp}/{act}", f"{mlp}/{fc1.replace('linear.Linear', 'conv.Conv2d')}"], "blocks.0.mlp.fc1"),
+             # fc1's output reshape, moved by the converter to inside the activation after it
+             ("RESHAPE", [f"{mlp}/{act}", f"{mlp}/{act}", f"{mlp}/{fc1}"], "blocks.0.mlp.fc1")]
+    for op_type, paths, expected in cases:
+        assert tensor_scopes(name(*paths), op_type)[-1].path == expected, (op_type, paths)
+
+
 def test_tflite_runner_cuts_real_single_op_models(export_dir):
     from mobilehv.export import export
     from mobilehv.profile import tflite

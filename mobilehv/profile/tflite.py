@@ -68,7 +68,9 @@ def tensor_scopes(name: str, op_type: str) -> tuple[Scope, ...] | None:
     """Module chain from an output tensor name. A name with several locations belongs to an op
     the converter merged others into: the location of the op's kind if one is (a conv with its
     activation), else the first, the op's own; the converter appends the merged ones (a residual
-    Add lists the projection before it, a norm's Mean the norm of the block before)."""
+    Add lists the projection before it, a norm's Mean the norm of the block before). A reshape
+    it moved through the ops after it lists those first and its origin after them, a sibling
+    module of another kind (a Linear's output reshape inside the activation that follows)."""
     locations = [s for s in (parse_location(p) for p in name.split(";") if "/" in p or "." in p) if s]
     if not locations:
         return None
@@ -76,7 +78,12 @@ def tensor_scopes(name: str, op_type: str) -> tuple[Scope, ...] | None:
     for scopes in locations:
         if op_category(scopes[-1].short_cls) == want:
             return scopes
-    return locations[0]
+    own = locations[0]
+    if want == "reshape":
+        parent, kind = own[-1].path.rpartition(".")[0], own[-1].cls
+        moved = [s for s in locations if s[-1].path.rpartition(".")[0] == parent and s[-1].cls != kind]
+        return moved[-1] if moved else own
+    return own
 
 
 def _builtin_names() -> dict[int, str]:
