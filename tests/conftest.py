@@ -34,7 +34,7 @@ def randomise_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial BatchNorm statistics, so that folding has something to get wrong."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.normal_(1, 0.1)

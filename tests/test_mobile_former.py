@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import refweights, rel_err
+from conftest import randomise_bn, refweights, rel_err
 from torch import nn
 
 import mobilehv
@@ -36,20 +36,9 @@ def test_official_checkpoint_logits(name, layout):
         assert rel_err(deploy(x), expected) <= 1e-4
 
 
-def _random_bn_statistics(model: nn.Module) -> nn.Module:
-    """Non-trivial statistics, so a wrong fold shows."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            nn.init.normal_(m.weight, 1.0, 0.1)
-            nn.init.normal_(m.bias, 0.0, 0.1)
-    return model
-
-
 @pytest.mark.parametrize("layout", ["nchw", "tokens"])
 def test_fold_replaces_bn_and_splits_dynamic_relu(layout):
-    model = _random_bn_statistics(mobilehv.create_model("mobile_former_26m", layout=layout))
+    model = randomise_bn(mobilehv.create_model("mobile_former_26m", layout=layout))
     x = torch.randn(2, 3, 96, 64)
     deploy = mobilehv.fold(model)
     kinds = {type(m) for m in deploy.modules()}
@@ -70,7 +59,7 @@ def _multiplier_convs(model: nn.Module, stride: int) -> int:
 # and the 1x1 conv after the split are reordered instead
 @pytest.mark.parametrize("name,splits", [("mobile_former_26m", 3), ("mobile_former_96m", 5)])
 def test_fold_splits_stride_1_depthwise_convs_with_a_channel_multiplier(name, splits):
-    model = _random_bn_statistics(mobilehv.create_model(name))
+    model = randomise_bn(mobilehv.create_model(name))
     deploy = mobilehv.fold(model)
     assert sum(isinstance(m, DepthwiseSplit) for m in deploy.modules()) == splits
     assert _multiplier_convs(deploy, 1) == 0 and _multiplier_convs(deploy, 2) == _multiplier_convs(model, 2)
